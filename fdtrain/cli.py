@@ -1,0 +1,90 @@
+"""fdtrain command line: parses, resolves the recipe, and calls one function per subcommand.
+
+Each subcommand's arguments live beside its implementation in a light module (no torch import at
+module level, so ``--help`` is instant): ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command path, module that implements it, one-line help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("train",), "fdtrain.engine.commands:train", "train a model from a YAML recipe"),
+    (("evaluate",), "fdtrain.engine.commands:evaluate", "frame- and video-level metrics of a checkpoint on shards"),
+    (("predict",), "fdtrain.engine.commands:predict", "score images or videos with a checkpoint (JSON lines)"),
+    (("shards", "make"), "fdtrain.data.commands:shards_make", "turn a dataset into WebDataset shards"),
+    (("shards", "verify"), "fdtrain.data.commands:shards_verify", "re-read every sample of a shard folder"),
+    (("synth",), "fdtrain.data.commands:synth", "write the synthetic FF++-shaped forgery benchmark"),
+    (("bench", "model"), "fdtrain.bench.model:bench", "FakeDiffer vs plain Xception forward+backward images/s"),
+    (("bench", "data"), "fdtrain.bench.data:bench", "loader images/s: DALI, fallback, naive baseline"),
+    (("bench", "train"), "fdtrain.bench.train:bench", "end-to-end training images/s and data-wait share"),
+    (("bench", "shards"), "fdtrain.bench.shards:bench", "face-crop ingestion rate for 1..N workers"),
+]
+
+
+def _load(spec: str):
+    """The module object and prefix for ``module:prefix``; None when the module is not built yet."""
+    mod_name, prefix = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            return None, prefix
+        raise
+    if not hasattr(mod, f"add_{prefix}_arguments") or not hasattr(mod, f"run_{prefix}"):
+        return None, prefix
+    return mod, prefix
+
+
+def _not_built(args: argparse.Namespace) -> int:
+    print(f"fdtrain {args._cmd}: not built yet in this version of fdtrain.", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fdtrain",
+        description="Train and evaluate FakeDiffer face-forgery detectors, from one CPU to many GPU nodes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, spec, help_ in COMMANDS:
+        if len(path) == 2:
+            if path[0] not in groups:
+                g = sub.add_parser(path[0], help=f"{path[0]} subcommands")
+                groups[path[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            holder = groups[path[0]]
+        else:
+            holder = sub
+        mod, prefix = _load(spec)
+        p = holder.add_parser(path[-1], help=help_ + ("" if mod else " [not built yet]"), description=help_)
+        if mod is None:
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(_run=_not_built, _cmd=" ".join(path))
+        else:
+            getattr(mod, f"add_{prefix}_arguments")(p)
+            p.set_defaults(_run=getattr(mod, f"run_{prefix}"), _cmd=" ".join(path))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `train` accepts free-form --section.key=value overrides after the recipe.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    from fdtrain.config import ConfigError
+
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        print(f"fdtrain: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""One typed configuration tree for fdtrain.
+
+Resolution order: dataclass defaults < recipe chain (``base:`` first, paths relative to the
+recipe that names them) < command-line overrides ``--section.key=value``. Unknown keys and values
+of the wrong type fail before anything runs, naming the key and the nearest valid one. The
+resolved tree is written to the run folder as YAML and can be fed back as a recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be resolved; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree. Every field carries a one-line doc in metadata["doc"] (shown by `fdtrain train
+# --help-config`).
+# --------------------------------------------------------------------------------------------
+def f(default: Any, doc: str) -> Any:
+    """A dataclass field with a doc line; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class RunConfig:
+    """Identity and placement of a run."""
+
+    name: str = f("run", "run name; outputs go to <out_dir>/<name>/")
+    out_dir: str = f("runs", "parent folder of run folders")
+    seed: int = f(42, "global seed (model init, shuffling, augmentation)")
+    resume: str = f("", "'' (fresh), 'auto' (newest checkpoint of this run) or a checkpoint path")
+    device: Literal["auto", "cpu", "cuda"] = f("auto", "auto: CUDA when present, else CPU")
+    deterministic: bool = f(False, "ask torch for deterministic kernels (slower)")
+
+
+@dataclass
+class ModelConfig:
+    """FakeDiffer and its ablations (design/model.md)."""
+
+    name: str = f("fakediffer", "registered model name for create_model")
+    variant: Literal["fakediffer", "xception", "dual_recons"] = f(
+        "fakediffer", "fakediffer, plain xception baseline, or one shared decoder (dual_recons)")
+    backbone: str = f("legacy_xception", "timm backbone providing entry flow and head blocks")
+    pretrained: bool = f(False, "load ImageNet weights for the backbone from a local file/cache")
+    pretrained_path: str = f("", "local weights file; '' = look in the timm/Hugging Face cache")
+    input_size: int = f(299, "square input side in pixels (299 FF++/Celeb-DF, 224 WildDeepfake)")
+    dropout: float = f(0.2, "dropout before the final linear layer")
+    encoder_dropout: float = f(0.2, "dropout on the encoder output M (training only)")
+    forward: Literal["fused", "two_pass"] = f(
+        "fused", "fused: one encoder pass per step; two_pass: the released code's two passes")
+    error_encoder: Literal["shared", "separate"] = f(
+        "shared", "error maps through the encoder's own entry flow, or a separate one")
+    fusion: Literal["select", "residual", "add"] = f(
+        "select", "select: code (default); residual: paper eq. 7; add: Table 5 ablation")
+    sources: list[str] = f(["inva", "real", "fake"], "fused sources, non-empty subset of inva/real/fake")
+    fusion_reduction: int = f(8, "channel reduction of the fusion MLP (728 -> 91)")
+
+
+@dataclass
+class LossConfig:
+    """Eqs. 9-12: classification plus label-masked reconstruction losses."""
+
+    lambda_r: float = f(0.1, "weight of the real-reconstruction loss L_rr")
+    lambda_f: float = f(0.1, "weight of the fake-reconstruction loss L_fr")
+    recon: Literal["l1", "mse"] = f("l1", "reconstruction distance: l1 (code) or mse (paper text)")
+    flooding: float = f(0.0, "flooding level b (|L-b|+b); 0 disables, released code uses 0.04")
+
+
+@dataclass
+class DataConfig:
+    """Shards, loader backend and augmentation."""
+
+    train: str = f("", "training shard folder (with manifest.json) or a tar glob/brace pattern")
+    val: str = f("", "validation shard folder; '' = no validation during training")
+    test: dict[str, str] = f({}, "named test sets evaluated at the end: {name: shard folder}")
+    backend: Literal["auto", "dali", "torch"] = f("auto", "auto: DALI when importable, else torch")
+    batch_size: int = f(32, "per-process training batch size")
+    eval_batch_size: int = f(64, "per-process evaluation batch size")
+    num_workers: int = f(4, "DataLoader workers (torch backend)")
+    num_threads: int = f(4, "DALI CPU threads")
+    prefetch: int = f(2, "batches prefetched per worker / DALI queue depth")
+    shuffle_buffer: int = f(2000, "samples in the seeded shuffle buffer (training)")
+    flip_p: float = f(0.5, "horizontal flip probability (training)")
+    noise_p: float = f(0.5, "probability that a sample gets Gaussian noise in the noisy view")
+    noise_std: float = f(1e-6, "std of that noise in normalized [-1,1] units (code: 1e-6)")
+    on_corrupt: Literal["error", "skip"] = f("error", "undecodable sample: stop naming it, or skip and count")
+    missing_index: Literal["build", "error"] = f("build", "shard without DALI index: build it (warn) or refuse")
+    pin_memory: bool = f(True, "pinned host memory for the torch backend when on CUDA")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adam", "adamw"] = f("adam", "adam: coupled weight decay as torch.optim.Adam")
+    lr: float = f(2e-4, "peak learning rate")
+    weight_decay: float = f(1e-5, "weight decay")
+    betas: list[float] = f([0.9, 0.999], "Adam betas")
+    eps: float = f(1e-8, "Adam epsilon")
+    schedule: Literal["hold_step", "cosine", "constant"] = f(
+        "hold_step", "after warmup: hold then step decay (released code), cosine or constant")
+    warmup_steps: int = f(10000, "linear warmup length in optimizer steps")
+    hold_steps: int = f(10000, "hold_step: steps at peak lr after warmup")
+    decay_every: int = f(3000, "hold_step: steps between decays")
+    decay_rate: float = f(0.9, "hold_step: multiplicative decay")
+    min_lr_ratio: float = f(0.0, "cosine: final lr as a fraction of the peak")
+    grad_clip: float = f(0.0, "max gradient norm; 0 disables clipping (norm is still logged)")
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    epochs: int = f(30, "training epochs")
+    max_steps: int = f(0, "stop after this many optimizer steps; 0 = epochs decide")
+    steps_per_epoch: int = f(0, "override the loader's steps per epoch; 0 = from the data")
+    grad_accum: int = f(1, "gradient accumulation micro-steps per optimizer step")
+    mixed_precision: Literal["no", "fp16", "bf16"] = f("bf16", "autocast dtype (fp16 uses a grad scaler)")
+    max_nonfinite: int = f(20, "non-finite losses tolerated (steps skipped) before the run stops")
+    compile: bool = f(False, "torch.compile the model")
+
+
+@dataclass
+class EvalConfig:
+    """Validation, model selection and final testing."""
+
+    every_steps: int = f(0, "validate every N optimizer steps; 0 = at each epoch end")
+    metric: Literal["auc", "acc", "ap", "eer"] = f("auc", "metric choosing the best checkpoint")
+    level: Literal["frame", "video"] = f("frame", "level of the selection metric")
+    select_on: Literal["val", "test"] = f("val", "split used for selection; 'test' is labelled so")
+    select_test: str = f("", "with select_on=test: which test set ('' = the first)")
+    threshold: float = f(0.5, "score threshold for accuracy")
+    max_batches: int = f(0, "cap evaluation batches per set (0 = all); for smoke runs")
+
+
+@dataclass
+class LoggingConfig:
+    """TensorBoard and console output (rank 0)."""
+
+    tensorboard: bool = f(True, "write TensorBoard events to the run folder")
+    every_steps: int = f(50, "scalar logging period in optimizer steps")
+    image_every: int = f(1000, "reconstruction panel period in steps; 0 disables")
+    progress: Literal["auto", "bar", "plain", "off"] = f("auto", "auto: a bar on a terminal, plain lines otherwise")
+
+
+@dataclass
+class CheckpointConfig:
+    """What is saved, when, and how many are kept."""
+
+    every_steps: int = f(0, "save every N optimizer steps; 0 = at each epoch end only")
+    keep_last: int = f(3, "periodic checkpoints kept (plus the best)")
+    keep_best: bool = f(True, "keep the best checkpoint by eval.metric")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one fdtrain run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config (atomically) so it can be fed back as a recipe."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("# fdtrain resolved config: feed back with `fdtrain train THIS.yaml`\n" + self.to_yaml())
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Introspection
+# --------------------------------------------------------------------------------------------
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, tuple[str, Any, str]]:
+    """Flat {dotted.key: (type name, default, doc)} for every leaf of the tree."""
+    out: dict[str, tuple[str, Any, str]] = {}
+    hints = _hints(cls)
+    inst = cls()
+    for fl in dataclasses.fields(cls):
+        tp = hints[fl.name]
+        key = f"{prefix}{fl.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(field_docs(tp, key + "."))
+        else:
+            out[key] = (_type_name(tp), getattr(inst, fl.name), fl.metadata.get("doc", ""))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _nearest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
+    return f" (nearest valid key: '{close[0]}')" if close else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Type checking / conversion
+# --------------------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check a YAML-parsed value against a field type; convert where it is lossless."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, _Raw):  # command-line text: strings stay verbatim ("007"), the rest parses
+        if tp is str:
+            return str(value)
+        if origin is list and not value.lstrip().startswith("["):
+            value = [_Raw(v.strip()) for v in value.split(",") if v.strip()]
+        else:
+            value = _parse_scalar(value)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+class _Raw(str):
+    """An override's text before it meets the field type it is meant for."""
+
+
+def _parse_scalar(text: str) -> Any:
+    """Command-line value -> Python value, with YAML's rules (1e-4 is a float, yes/no are not bools)."""
+    text = str(text)
+    if text.strip() in ("", "''", '""'):
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "1e-4" as a string; accept it as a number where it parses as one.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Building the tree from nested dicts
+# --------------------------------------------------------------------------------------------
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [fl.name for fl in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            valid = list(field_docs(Config).keys()) + [fl.name for fl in dataclasses.fields(Config)]
+            raise ConfigError(f"unknown config key '{key}'{_nearest(key, valid)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        # dict-typed leaves (data.test) replace rather than merge only when explicitly null
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_recipe_dict(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and its ``base:`` chain into one nested dict (bases first)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"recipe base cycle: {chain}")
+    if not path.is_file():
+        where = f" (named as base by {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"recipe not found: {path}{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    merged: dict[str, Any] = {}
+    for b in [bases] if isinstance(bases, str) else list(bases):
+        merged = _deep_merge(merged, load_recipe_dict(path.parent / b, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``--section.key=value`` (or ``--section.key value``) strings into a nested dict."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key=value")
+        body = arg[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, text = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{arg}' has no value: use --{body}=VALUE")
+        if "." not in key:
+            raise ConfigError(
+                f"override '--{key}' must name a section and a key{_nearest(key, list(field_docs(Config)))}")
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '--{key}' conflicts with an earlier one")
+        node[parts[-1]] = _Raw(text)
+        i += 1
+    return out
+
+
+def resolve(recipe: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults < recipe (with its base chain) < overrides, checked against the tree."""
+    data: dict[str, Any] = load_recipe_dict(recipe) if recipe else {}
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = _deep_merge(data, over)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A Config from a plain nested dict (e.g. one stored in a checkpoint)."""
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    bad = [s for s in cfg.model.sources if s not in ("inva", "real", "fake")]
+    if bad or not cfg.model.sources:
+        raise ConfigError(f"model.sources: need a non-empty subset of [inva, real, fake], got {cfg.model.sources}")
+    if len(set(cfg.model.sources)) != len(cfg.model.sources):
+        raise ConfigError(f"model.sources: repeated entries in {cfg.model.sources}")
+    positive = {
+        "model.input_size": cfg.model.input_size,
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "optim.decay_every": cfg.optim.decay_every,
+    }
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k}: must be > 0, got {v}")
+    for k, v in {"data.flip_p": cfg.data.flip_p, "data.noise_p": cfg.data.noise_p}.items():
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{k}: a probability in [0, 1], got {v}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: two values, got {cfg.optim.betas}")
+    for k in ("data.num_workers", "optim.warmup_steps", "train.max_steps", "checkpoint.keep_last"):
+        sec, name = k.split(".")
+        if getattr(getattr(cfg, sec), name) < 0:
+            raise ConfigError(f"{k}: must be >= 0")

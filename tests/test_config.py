@@ -1,0 +1,129 @@
+"""Config loader: merge order, errors that name the key, and the resolved-YAML round trip."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fdtrain.config import Config, ConfigError, field_docs, from_dict, load_recipe_dict, parse_overrides, resolve
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_have_docs():
+    docs = field_docs(Config)
+    assert "optim.lr" in docs and "model.fusion" in docs
+    missing = [k for k, (_, _, doc) in docs.items() if not doc]
+    assert not missing, f"fields without a doc line: {missing}"
+
+
+def test_merge_order_defaults_base_recipe_cli(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "base.yaml", {"optim": {"lr": 1e-3, "warmup_steps": 5}, "data": {"batch_size": 8}})
+    write(tmp_path / "sub" / "mid.yaml", {"base": "../base.yaml", "optim": {"lr": 5e-4}, "run": {"name": "mid"}})
+    recipe = write(tmp_path / "sub" / "top.yaml", {"base": "mid.yaml", "data": {"batch_size": 4}})
+    cfg = resolve(recipe, ["--data.batch_size=2", "--run.name", "cli"])
+    assert cfg.optim.lr == 5e-4  # mid beats base
+    assert cfg.optim.warmup_steps == 5  # from base
+    assert cfg.data.batch_size == 2  # cli beats recipe
+    assert cfg.run.name == "cli"
+    assert cfg.optim.weight_decay == 1e-5  # default survives
+
+
+def test_multiple_bases_later_wins(tmp_path):
+    write(tmp_path / "a.yaml", {"optim": {"lr": 1.0, "eps": 1e-6}})
+    write(tmp_path / "b.yaml", {"optim": {"lr": 2.0}})
+    recipe = write(tmp_path / "r.yaml", {"base": ["a.yaml", "b.yaml"]})
+    cfg = resolve(recipe)
+    assert cfg.optim.lr == 2.0 and cfg.optim.eps == 1e-6
+
+
+def test_type_conversion_of_overrides():
+    cfg = resolve(None, [
+        "--optim.lr=1e-4", "--train.epochs=3", "--model.pretrained=true", "--optim.betas=0.8,0.99",
+        "--model.sources=[inva, fake]", "--data.test={cdf: shards/cdf/test}", "--run.name=007",
+    ])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 3 and cfg.model.pretrained is True
+    assert cfg.optim.betas == [0.8, 0.99]
+    assert cfg.model.sources == ["inva", "fake"]
+    assert cfg.data.test == {"cdf": "shards/cdf/test"}
+    assert cfg.run.name == "007"
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["--model.nonexistent=1"], "model.nonexistent"),
+    (["--model.fusoin=add"], "model.fusion"),  # nearest valid key suggested
+    (["--optim.lr=abc"], "optim.lr: expected float"),
+    (["--train.epochs=1.5"], "train.epochs: expected int"),
+    (["--model.pretrained=maybe"], "model.pretrained: expected bool"),
+    (["--model.fusion=concat"], "model.fusion: expected one of"),
+    (["--model.sources=inva,bogus"], "model.sources"),
+    (["--lr=1"], "must name a section"),
+])
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace(".", r"\.")):
+        resolve(None, override)
+
+
+def test_unknown_key_in_recipe_names_it(tmp_path):
+    recipe = write(tmp_path / "r.yaml", {"optim": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate.*nearest valid key"):
+        resolve(recipe)
+
+
+def test_missing_base_and_cycle(tmp_path):
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe_dict(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", {"base": "nope.yaml"})
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_recipe_dict(tmp_path / "c.yaml")
+
+
+def test_round_trip_resolved_yaml(tmp_path):
+    write(tmp_path / "base.yaml", {"model": {"input_size": 224, "fusion": "add"}, "data": {"test": {"a": "x"}}})
+    recipe = write(tmp_path / "r.yaml", {"base": "base.yaml", "optim": {"lr": 3e-4}})
+    cfg = resolve(recipe, ["--model.sources=real,fake"])
+    cfg.save(tmp_path / "out" / "config.yaml")
+    again = resolve(tmp_path / "out" / "config.yaml")
+    assert again == cfg
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_parse_overrides_nested():
+    assert parse_overrides(["--a.b=1", "--a.c", "x"]) == {"a": {"b": "1", "c": "x"}}
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--a.b"])
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "fdtrain", *args], capture_output=True, text=True)
+
+
+def test_cli_help_lists_subcommands():
+    r = cli("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "evaluate", "predict", "shards", "synth", "bench"):
+        assert cmd in r.stdout
+
+
+def test_cli_train_rejects_bad_overrides(tmp_path):
+    recipe = write(tmp_path / "r.yaml", {"run": {"name": "x"}})
+    r = cli("train", str(recipe), "--model.nonexistent=1")
+    assert r.returncode != 0 and "model.nonexistent" in r.stderr
+    r = cli("train", str(recipe), "--optim.lr=abc")
+    assert r.returncode != 0 and "optim.lr" in r.stderr and "float" in r.stderr
+
+
+def test_cli_print_config_round_trips(tmp_path):
+    recipe = write(tmp_path / "r.yaml", {"optim": {"lr": 0.5}})
+    r = cli("train", str(recipe), "--print-config", "--train.epochs=2")
+    assert r.returncode == 0, r.stderr
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(r.stdout)
+    assert resolve(saved) == resolve(recipe, ["--train.epochs=2"])
