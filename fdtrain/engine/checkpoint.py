@@ -1,0 +1,274 @@
+"""Checkpoints: everything needed to continue as if never stopped, written atomically.
+
+Layout of ``runs/<name>/checkpoints/``::
+
+    step-00001200/            one checkpoint (the name is the optimizer step)
+      model.pt                {"format", "config", "state_dict", "step", "epoch", "metrics"}: plain
+                              torch, fp32, no Accelerate/DeepSpeed needed (fdtrain.inference.load_model)
+      train_state.pt          optimizer, scheduler, grad scaler, trainer counters (rank 0)
+      rank-00000.pt ...       per rank: RNG states (python, numpy, torch, cuda) and loader position
+      deepspeed/state/...     DeepSpeed runs only: the engine's own (ZeRO-partitioned) checkpoint,
+                              which replaces the optimizer in train_state.pt
+      meta.json               step, epoch, metrics, world size, written last
+    best -> step-00000800     symlink to the best checkpoint by eval.metric, with best.json beside it
+    .tmp-step-00001400/       a checkpoint being written; never read, removed on the next start
+
+Atomicity: every rank writes into ``.tmp-step-N/``; after a barrier rank 0 fsyncs and renames it to
+``step-N/``. A crash (even kill -9) mid-write leaves only a ``.tmp-`` folder, so the newest complete
+checkpoint is untouched. The last ``checkpoint.keep_last`` checkpoints plus the best are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "fdtrain-model-v1"
+DS_TAG = "state"
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading without a trainer (inference, evaluate, resume discovery)
+# --------------------------------------------------------------------------------------------
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with meta.json) as (step, path), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and not p.is_symlink() and (p / "meta.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def newest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(ckpt_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def best_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    link = Path(ckpt_dir) / "best"
+    return link.resolve() if link.exists() and (link / "model.pt").is_file() else None
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """A model.pt from a file, a checkpoint folder, a checkpoints/ folder or a run folder.
+
+    Folders above a checkpoint resolve to its best checkpoint, else to the newest.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "model.pt").is_file():
+        return path / "model.pt"
+    for ckpt_dir in (path, path / "checkpoints"):
+        found = best_checkpoint(ckpt_dir) or newest_checkpoint(ckpt_dir)
+        if found is not None:
+            return found / "model.pt"
+    raise FileNotFoundError(
+        f"{path}: no model.pt here (expected a model.pt file, a checkpoint folder step-N/, "
+        "or a run folder with checkpoints/)")
+
+
+def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The model.pt dict, read with ``weights_only`` (plain tensors and Python values only)."""
+    f = resolve_model_file(path)
+    blob = torch.load(f, map_location="cpu", weights_only=True)
+    missing = [k for k in ("config", "state_dict", "step") if k not in blob]
+    if missing:
+        raise ValueError(f"{f}: not an fdtrain model file (missing {missing})")
+    return blob
+
+
+def consolidate_deepspeed(ds_dir: str | os.PathLike, tag: str = DS_TAG) -> dict[str, torch.Tensor]:
+    """A plain fp32 state dict from a DeepSpeed ZeRO (1-3) checkpoint folder (offline, one process)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG
+# --------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpointer used by the trainer (every rank calls save/load)
+# --------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every rank must call :meth:`save` and :meth:`load`."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike, accelerator, *, keep_last: int = 3, keep_best: bool = True):
+        self.dir = Path(ckpt_dir)
+        self.acc = accelerator
+        self.keep_last = max(1, keep_last)  # the newest is always kept: it is what --resume uses
+        self.keep_best = keep_best
+        self.is_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        if self.acc.is_main_process:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".tmp-step-*"):  # left by a crash mid-write
+                log.warning("removing incomplete checkpoint %s (a previous run died while writing it)", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    # ---- save ---------------------------------------------------------------------------
+    def save(self, *, step: int, epoch: int, model, optimizer, scheduler, config: dict, metrics: dict,
+             trainer_state: dict, loader_state: dict) -> Path:
+        final = self.dir / step_dir_name(step)
+        tmp = self.dir / f".tmp-{step_dir_name(step)}"
+        if final.is_dir():  # e.g. best and periodic at the same step
+            return final
+        acc = self.acc
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+
+        if self.is_deepspeed:  # every rank writes its ZeRO partition of the optimizer
+            model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
+        torch.save({"rng": rng_state(), "loader": loader_state},
+                   tmp / f"rank-{acc.process_index:05d}.pt")
+        if acc.is_main_process:
+            state = {"scheduler": scheduler.state_dict(), "trainer": trainer_state, "step": step, "epoch": epoch}
+            if not self.is_deepspeed:
+                state["optimizer"] = optimizer.state_dict()
+            scaler = getattr(acc, "scaler", None)
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            torch.save(state, tmp / "train_state.pt")
+        acc.wait_for_everyone()  # all partitions on disk before consolidation and rename
+
+        if acc.is_main_process:
+            state_dict = self._plain_state_dict(model, tmp)
+            torch.save({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
+                        "epoch": epoch, "metrics": metrics}, tmp / "model.pt")
+            meta = {"step": step, "epoch": epoch, "metrics": metrics, "world_size": acc.num_processes,
+                    "deepspeed": self.is_deepspeed}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+            log.info("checkpoint saved: %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _plain_state_dict(self, model, tmp: Path) -> dict[str, torch.Tensor]:
+        """fp32 weights with the plain model's keys (no DDP/DeepSpeed/compile wrappers)."""
+        if self.is_deepspeed and model.zero_optimization_stage() >= 1:
+            # the fp32 master weights from the partitions just written (the module may hold bf16)
+            sd = consolidate_deepspeed(tmp / "deepspeed")
+        else:
+            sd = self.acc.unwrap_model(model).state_dict()
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in sd.items()}
+
+    def mark_best(self, path: Path, info: dict) -> None:
+        """Point ``best`` at ``path`` (rank 0), atomically, and record why in best.json."""
+        if not self.acc.is_main_process:
+            return
+        link, tmp_link = self.dir / "best", self.dir / ".best.tmp"
+        if tmp_link.is_symlink() or tmp_link.exists():
+            tmp_link.unlink()
+        os.symlink(path.name, tmp_link)
+        os.replace(tmp_link, link)
+        tmp_json = self.dir / ".best.json.tmp"
+        tmp_json.write_text(json.dumps({"checkpoint": path.name, **info}, indent=1, default=float))
+        os.replace(tmp_json, self.dir / "best.json")
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` checkpoints and the best (rank 0)."""
+        if not self.acc.is_main_process:
+            return
+        best = best_checkpoint(self.dir) if self.keep_best else None
+        for _, p in list_checkpoints(self.dir)[: -self.keep_last]:
+            if best is None or p.resolve() != best:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---- load ---------------------------------------------------------------------------
+    def load(self, path: str | os.PathLike, *, model, optimizer, scheduler) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler, scaler and this rank's RNG; returns
+        ``{"step", "epoch", "trainer", "loader"}``."""
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"{path}: not a complete fdtrain checkpoint (no meta.json)")
+        meta = json.loads((path / "meta.json").read_text())
+        ds_dir = path / "deepspeed"
+        if self.is_deepspeed != ds_dir.is_dir():
+            raise ValueError(f"{path}: saved {'with' if ds_dir.is_dir() else 'without'} DeepSpeed; resuming it "
+                             f"{'with' if self.is_deepspeed else 'without'} DeepSpeed is not supported. "
+                             "Start a new run from its weights (model.pt) instead.")
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        if self.is_deepspeed:
+            if meta.get("world_size") != self.acc.num_processes:
+                raise ValueError(f"{path}: DeepSpeed checkpoint of {meta.get('world_size')} ranks cannot resume on "
+                                 f"{self.acc.num_processes}")
+            model.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
+                                  load_lr_scheduler_states=False)
+        else:
+            blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            self.acc.unwrap_model(model).load_state_dict(blob["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+
+        rank_file = path / f"rank-{self.acc.process_index:05d}.pt"
+        loader_state = None
+        if rank_file.is_file() and meta.get("world_size") == self.acc.num_processes:
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            set_rng_state(rank_state["rng"])
+            loader_state = rank_state["loader"]
+        else:
+            log.warning("%s: saved with %s ranks, resuming on %s: RNG states not restored and the data order "
+                        "restarts at the saved epoch", path, meta.get("world_size"), self.acc.num_processes)
+        return {"step": state["step"], "epoch": state["epoch"], "trainer": state.get("trainer", {}),
+                "loader": loader_state}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
