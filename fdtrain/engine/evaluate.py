@@ -1,0 +1,121 @@
+"""Distributed evaluation, model selection and the final test report.
+
+Each rank scores its own part of a split (the loaders give every sample to exactly one rank, with
+no padded duplicates); the scores, labels and keys are gathered once per set, and every rank then
+computes the same frame- and video-level metrics (fdtrain.metrics), so decisions that depend on
+them (the best checkpoint) agree without another collective.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+HIGHER_IS_BETTER = {"auc": True, "acc": True, "ap": True, "eer": False}
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one set, plus the gathered raw scores (for the ROC curve)."""
+
+    name: str
+    metrics: dict[str, dict[str, float]]
+    scores: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+    keys: list[str] = field(repr=False, default_factory=list)
+
+
+@torch.no_grad()
+def evaluate_loader(model, loader, *, accelerator=None, name: str = "eval", threshold: float = 0.5,
+                    max_batches: int = 0, input_dtype: torch.dtype | None = None) -> EvalResult:
+    """Score every sample of ``loader`` with ``model`` (inference forward: logits only).
+
+    ``accelerator`` None means a single process; otherwise the per-rank results are gathered once.
+    """
+    from fdtrain.metrics import MetricAccumulator
+
+    was_training = model.training
+    model.eval()
+    acc_metrics = MetricAccumulator(threshold=threshold)
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            x = batch["x"] if input_dtype is None else batch["x"].to(input_dtype)
+            logits = model(x)  # (B,)
+            scores = torch.sigmoid(logits.float())
+            acc_metrics.update(scores.cpu(), batch["label"].float().cpu(), list(batch["key"]))
+    finally:
+        model.train(was_training)
+    acc_metrics.gather(accelerator)  # the one collective of this set
+    return EvalResult(name, acc_metrics.compute(), acc_metrics.scores, acc_metrics.labels, acc_metrics.keys or [])
+
+
+def selection_value(metrics: dict[str, dict[str, float]], metric: str, level: str) -> float:
+    """The selection metric, NaN when the level or metric is absent (e.g. one class only)."""
+    v = metrics.get(level, {}).get(metric)
+    return float(v) if v is not None else float("nan")
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    return value > best if HIGHER_IS_BETTER[metric] else value < best
+
+
+def log_result(tb, result: EvalResult, step: int) -> None:
+    """eval/<set>/<level>/<metric> scalars and the ROC image (rank 0's logger; no-op elsewhere)."""
+    tb.metrics(result.name, result.metrics, step)
+    if tb.writer is not None and len(np.unique(result.labels)) == 2:
+        from fdtrain.metrics import roc_points
+
+        pts = roc_points(result.scores, result.labels)
+        tb.roc(result.name, pts["fpr"], pts["tpr"], result.metrics.get("frame", {}).get("auc", float("nan")), step)
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A fixed-width table: one row per (set, level) with acc, auc, eer, ap and counts."""
+    cols = ("acc", "auc", "eer", "ap")
+    lines = [f"{'set':<24} {'level':<6} " + " ".join(f"{c:>7}" for c in cols) + f" {'n':>7} {'real':>6} {'fake':>6}"]
+    for name, levels in results.items():
+        for level, m in levels.items():
+            vals = " ".join(f"{100 * m[c]:7.2f}" if _finite(m.get(c)) else f"{'-':>7}" for c in cols)
+            lines.append(f"{name:<24} {level:<6} {vals} {m.get('n', 0):>7} {m.get('n_real', 0):>6} "
+                         f"{m.get('n_fake', 0):>6}")
+    return "\n".join(lines) + "\n(acc, auc, eer, ap in %)"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Atomic JSON write (NaN becomes null: strict JSON readers reject NaN)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_nan_to_none(data), indent=1))
+    os.replace(tmp, path)
+
+
+def _nan_to_none(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_nan_to_none(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v

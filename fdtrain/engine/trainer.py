@@ -1,0 +1,462 @@
+"""The training loop: ``train(cfg) -> exit code``; ``Trainer.fit()`` calls ``train_step()`` per micro-batch.
+
+One FakeDiffer goes through ``accelerator.prepare`` with its optimizer (DDP or DeepSpeed, mixed
+precision); the loader is built per rank by fdtrain.data.build_loader and is *not* prepared (DALI
+shards by rank itself). The schedule is stepped once per optimizer step. At each step boundary:
+log, validate, checkpoint, and honour a preemption signal, in that order.
+
+Exit codes: 0 done; fdtrain.EXIT_PREEMPTED (75) checkpointed after SIGTERM/SIGUSR1, resume with
+``--resume auto``; 3 too many non-finite losses (the last good checkpoint is left as it was);
+2 configuration errors (raised as ConfigError, reported by the CLI).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fdtrain import EXIT_PREEMPTED
+from fdtrain.config import Config, ConfigError
+from fdtrain.engine import evaluate as ev
+from fdtrain.engine.accel import build_accelerator, is_deepspeed, reduce_max
+from fdtrain.engine.checkpoint import Checkpointer, best_checkpoint, list_checkpoints, newest_checkpoint
+from fdtrain.engine.optim import build_optimizer, build_scheduler
+from fdtrain.engine.signals import PreemptionHandler
+from fdtrain.engine.tblog import Progress, TBLogger
+
+log = logging.getLogger("fdtrain.train")
+
+EXIT_OK = 0
+EXIT_NONFINITE = 3
+
+
+class NonFiniteLimitError(RuntimeError):
+    """More non-finite losses than train.max_nonfinite."""
+
+
+class Trainer:
+    """Owns the accelerator, model, optimizer, schedule, loaders, checkpointer and loggers of one run."""
+
+    def __init__(self, cfg: Config):
+        from accelerate.utils import set_seed
+
+        from fdtrain.data import build_loader
+        from fdtrain.losses import FakeDifferLoss
+        from fdtrain.models import create_model_from_config
+
+        self.cfg = cfg
+        self.acc = acc = build_accelerator(cfg)
+        self.deepspeed = is_deepspeed(acc)
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        set_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = create_model_from_config(cfg.model)
+        self.loss_fn = FakeDifferLoss(cfg.loss)
+        self._build_loader = build_loader
+        self.loader = build_loader(cfg, "train", rank=acc.process_index, world_size=acc.num_processes,
+                                   device=acc.device)
+        self.steps_per_epoch = self._optimizer_steps_per_epoch()
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        if cfg.train.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # DeepSpeed bf16/fp16 casts the module itself (no autocast), so inputs must follow
+        self.input_dtype = next(self.model.parameters()).dtype if self.deepspeed else None
+        set_seed(cfg.run.seed + acc.process_index)  # per-rank dropout streams after the shared init
+
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", acc, keep_last=cfg.checkpoint.keep_last,
+                                 keep_best=cfg.checkpoint.keep_best)
+        self.tb = TBLogger(self.run_dir / "tb", enabled=acc.is_main_process and cfg.logging.tensorboard)
+        self.progress: Progress | None = None
+        self.signals: PreemptionHandler | None = None
+        self._eval_loaders: dict[str, Any] = {}
+        # trainer state saved in every checkpoint
+        self.step = 0  # optimizer steps taken (= scheduler steps)
+        self.epoch = 0  # epochs completed
+        self.nonfinite = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self.best: dict[str, Any] | None = None  # {"value", "step", "checkpoint"}
+        self.last_metrics: dict[str, Any] = {}
+        self._micro_start = 0  # micro-batches of the current epoch already consumed (resume)
+        self.on_batch: Callable[[int, dict], None] | None = None  # test hook: (step about to run, batch)
+        self._new_window()
+        self._win_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        self._stop_flag = False
+
+    # ---- sizes ---------------------------------------------------------------------------
+    def _optimizer_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch; the remainder micro-batches (< grad_accum) are dropped so that
+        epochs and accumulation windows line up (and resume lands on a window boundary)."""
+        micro = len(self.loader)
+        if self.cfg.train.steps_per_epoch:
+            if self.cfg.train.steps_per_epoch > micro:
+                log.warning("train.steps_per_epoch=%d exceeds the loader's %d batches; using %d",
+                            self.cfg.train.steps_per_epoch, micro, micro)
+            micro = min(micro, self.cfg.train.steps_per_epoch)
+        steps = micro // self.cfg.train.grad_accum
+        if steps == 0:
+            raise ConfigError(f"data.train: {micro} batches per epoch per rank cannot fill one optimizer step of "
+                              f"train.grad_accum={self.cfg.train.grad_accum}; lower data.batch_size or grad_accum")
+        return steps
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "best": self.best,
+                "last_metrics": self.last_metrics}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.nonfinite = sd.get("nonfinite", 0)
+        self.best = sd.get("best")
+        self.last_metrics = sd.get("last_metrics", {})
+
+    def _resume(self) -> None:
+        ckpt_dir = self.run_dir / "checkpoints"
+        choice = self.cfg.run.resume
+        if not choice:
+            if list_checkpoints(ckpt_dir):
+                raise ConfigError(f"run.resume: {self.run_dir} already has checkpoints; continue it with "
+                                  "--resume auto, or pick another --run.name")
+            self.loader.set_epoch(0)
+            return
+        path = newest_checkpoint(ckpt_dir) if choice == "auto" else Path(choice)
+        if path is None:
+            log.info("--resume auto: no checkpoint in %s yet, starting from scratch", ckpt_dir)
+            self.loader.set_epoch(0)
+            return
+        state = self.ckpt.load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.load_state_dict(state["trainer"])
+        if state["loader"] is not None:
+            self.loader.load_state_dict(state["loader"])
+            self._micro_start = int(state["loader"].get("step_in_epoch", 0))
+        else:
+            self.loader.set_epoch(self.epoch)
+        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
+                  f"{self._micro_start} batches into it)")
+
+    # ---- the loop --------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg = self.cfg
+        with PreemptionHandler() as sig:
+            self.signals = sig
+            self._resume()
+            if self.acc.is_main_process:
+                cfg.save(self.run_dir / "config.yaml")
+                (self.run_dir / "preempted.json").unlink(missing_ok=True)
+                self.tb.config(cfg.to_yaml(), _flat(cfg.to_dict()))
+            self.progress = Progress(self.total_steps, self.step, mode=cfg.logging.progress,
+                                     enabled=self.acc.is_main_process)
+            self._say(f"training {self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch) on "
+                      f"{self.acc.num_processes} x {self.acc.device} ({self.acc.distributed_type}), "
+                      f"loader {self.loader.backend}, precision {self.acc.mixed_precision}, "
+                      f"batch {cfg.data.batch_size}x{cfg.train.grad_accum}x{self.acc.num_processes}")
+            self.model.train()
+            try:
+                while self.step < self.total_steps:
+                    status = self._train_epoch()
+                    if status is not None:
+                        return status
+            except NonFiniteLimitError as e:
+                last = newest_checkpoint(self.run_dir / "checkpoints")
+                self._say(f"fdtrain: stopping: {e}. Last good checkpoint: {last or 'none'} (left untouched).")
+                return EXIT_NONFINITE
+            return self._final_evaluation()
+
+    def _train_epoch(self) -> int | None:
+        ga = self.cfg.train.grad_accum
+        limit = self.steps_per_epoch * ga
+        micro = self._micro_start
+        self._micro_start = 0
+        it = iter(self.loader)
+        while micro < limit and self.step < self.total_steps:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:  # every rank must take the same steps, or DDP hangs: fail loudly
+                raise RuntimeError(f"train loader ended after {micro} batches but promised {len(self.loader)} "
+                                   f"(backend {self.loader.backend}, epoch {self.epoch})") from None
+            self._win["data"] += time.perf_counter() - t0
+            if self.on_batch is not None:
+                self.on_batch(self.step, batch)
+            stop = self.train_step(batch)
+            micro += 1
+            if not self.acc.sync_gradients:
+                continue
+            if micro >= limit:  # the epoch's last step: its boundary comes after the epoch is closed
+                break
+            status = self._step_boundary(stop, epoch_done=False)
+            if status is not None:
+                return status
+        del it  # release the reader before the next epoch is set up
+        if micro < limit:  # max_steps reached mid-epoch; that step's boundary is done
+            return None
+        self.epoch += 1
+        self.loader.set_epoch(self.epoch)  # so the epoch-end checkpoint resumes at the next epoch
+        return self._step_boundary(self._stop_flag, epoch_done=True)
+
+    def train_step(self, batch: dict) -> bool:
+        """One micro-batch: forward, loss, backward; at an accumulation boundary, the optimizer step.
+
+        Returns whether all ranks agreed to stop (a preemption signal) at this boundary.
+        """
+        x, y = batch["x"], batch["label"]
+        x_noisy = batch.get("x_noisy", x)
+        if self.input_dtype is not None and x.dtype != self.input_dtype:
+            x, x_noisy = x.to(self.input_dtype), x_noisy.to(self.input_dtype)
+        with self.acc.accumulate(self.model):
+            out = self.model(x, x_noisy, labels=y)
+            losses = self.loss_fn(out, x, y)
+            loss = losses["total"]
+            finite = torch.isfinite(loss.detach())
+            self._win_bad |= ~finite
+            terms = torch.stack([losses[k].detach().float() for k in ("total", "cls", "rec_real", "rec_fake")])
+            self._win["sums"] += torch.where(finite, terms, torch.zeros_like(terms))
+            self._win["n"] += finite.float()
+            self._win["images"] += x.shape[0]
+            if self.deepspeed:
+                # DeepSpeed steps inside backward, so the decision cannot wait for the boundary:
+                # agree now, and feed a zero loss for a bad micro-batch to keep every engine in step.
+                bad, stop = reduce_max(self.acc, torch.stack([(~finite).float(), self._stop_tensor()]))
+                self.acc.backward(loss if not bad else self._zero_loss())
+            else:
+                self.acc.backward(loss)
+            if self.acc.sync_gradients:
+                stop = self._optimizer_step(out, x, y)
+            else:
+                stop = False
+        self._stop_flag = stop
+        return stop
+
+    def _optimizer_step(self, out, x, y) -> bool:
+        """Clip/measure the gradient, agree across ranks on skip and stop (one collective), step."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.deepspeed:
+            gn = self.acc.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+            gn = torch.tensor(float(gn) if gn is not None else float("nan"))
+            bad = bool(self._win_bad.item())
+            stop = self.signals is not None and self.signals.stop_requested
+            bad, stop = reduce_max(self.acc, torch.tensor([float(bad), float(stop)], device=self.acc.device))
+        else:
+            gn = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
+            bad_now = self._win_bad.clone()
+            if self.acc.scaler is None:  # a grad scaler handles inf gradients itself (skips, rescales)
+                bad_now |= ~torch.isfinite(gn)
+            bad, stop = reduce_max(self.acc, torch.stack([bad_now.float(), self._stop_tensor()]))
+            if not bad:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self._win["steps"] += 1
+        self._win["lr"] = lr
+        self._win["grad_norm"] = gn
+        self._win_bad.zero_()
+        if bad:
+            self.nonfinite += 1
+            self._say(f"step {self.step}: non-finite loss or gradient, update skipped "
+                      f"({self.nonfinite}/{self.cfg.train.max_nonfinite} allowed)")
+            if self.nonfinite > self.cfg.train.max_nonfinite:
+                raise NonFiniteLimitError(f"{self.nonfinite} non-finite steps exceed train.max_nonfinite="
+                                          f"{self.cfg.train.max_nonfinite}")
+        every = self.cfg.logging.image_every
+        if every and self.step % every == 0 and isinstance(getattr(out, "recon_real", None), torch.Tensor):
+            self.tb.recon_panel(x, out.recon_real, out.recon_fake, y, self.step)
+        return bool(stop)
+
+    def _stop_tensor(self) -> torch.Tensor:
+        stop = self.signals is not None and self.signals.stop_requested
+        return torch.tensor(float(stop), device=self.acc.device)
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss of 0 connected to every parameter: zero gradients, same collectives."""
+        return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+
+    # ---- step boundary: log, validate, checkpoint, stop --------------------------------------
+    def _step_boundary(self, stop: bool, *, epoch_done: bool) -> int | None:
+        cfg = self.cfg
+        last = self.step >= self.total_steps
+        if self.step % cfg.logging.every_steps == 0 or last or stop or self.step == 1:
+            self._log_window()
+        evaluate = (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0) or (
+            not cfg.eval.every_steps and epoch_done) or last
+        improved = False
+        if evaluate and self._selection_set() is not None:
+            improved = self._validate()
+        save = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
+            not cfg.checkpoint.every_steps and epoch_done) or last or stop or (
+            improved and cfg.checkpoint.keep_best)
+        if save:
+            path = self.ckpt.save(step=self.step, epoch=self.epoch, model=self.model, optimizer=self.optimizer,
+                                  scheduler=self.scheduler, config=cfg.to_dict(), metrics=self.last_metrics,
+                                  trainer_state=self.state_dict(), loader_state=self.loader.state_dict())
+            if improved and cfg.checkpoint.keep_best:
+                self.ckpt.mark_best(path, {**self.best, **self._selection_label()})
+            self.ckpt.prune()
+        if stop:
+            self._say(f"preempted: checkpoint at step {self.step} written; exiting with {EXIT_PREEMPTED} "
+                      "(continue with --resume auto)")
+            if self.acc.is_main_process:
+                ev.write_json(self.run_dir / "preempted.json", {"step": self.step, "exit_code": EXIT_PREEMPTED,
+                                                                "signal": self.signals.requested})
+            return EXIT_PREEMPTED
+        return None
+
+    def _new_window(self) -> None:
+        self._win = {"t0": time.perf_counter(), "data": 0.0, "images": 0, "steps": 0, "lr": 0.0,
+                     "grad_norm": torch.tensor(float("nan")),
+                     "sums": torch.zeros(4, device=self.acc.device), "n": torch.zeros((), device=self.acc.device)}
+
+    def _log_window(self) -> None:
+        w = self._win
+        elapsed = max(1e-9, time.perf_counter() - w["t0"])
+        n = max(1.0, float(w["n"]))
+        total, cls, rr, rf = (w["sums"] / n).tolist()
+        stats = {"loss/total": total, "loss/cls": cls, "loss/rec_real": rr, "loss/rec_fake": rf, "lr": w["lr"],
+                 "grad_norm": float(w["grad_norm"]), "images_per_sec": w["images"] * self.acc.num_processes / elapsed,
+                 "data_wait_share": w["data"] / elapsed, "nonfinite_skipped": self.nonfinite}
+        if self.acc.device.type == "cuda":
+            stats["gpu/mem_allocated_gb"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+            stats["gpu/mem_reserved_gb"] = torch.cuda.memory_reserved(self.acc.device) / 2**30
+        self.last_train_stats = stats
+        self.tb.scalars(stats, self.step)
+        if self.progress is not None:
+            self.progress.update(self.step, stats)
+        self._new_window()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def _selection_set(self) -> tuple[str, str] | None:
+        """(set name, split for build_loader) used to pick the best checkpoint, or None."""
+        cfg = self.cfg
+        if cfg.eval.select_on == "val":
+            return ("val", "val") if cfg.data.val else None
+        if not cfg.data.test:
+            raise ConfigError("eval.select_on=test but data.test names no test set")
+        name = cfg.eval.select_test or next(iter(cfg.data.test))
+        if name not in cfg.data.test:
+            raise ConfigError(f"eval.select_test: '{name}' is not in data.test ({sorted(cfg.data.test)})")
+        return name, name
+
+    def _selection_label(self) -> dict[str, Any]:
+        name, _ = self._selection_set()
+        label = {"selected_on": "val" if self.cfg.eval.select_on == "val" else f"test:{name}",
+                 "metric": self.cfg.eval.metric, "level": self.cfg.eval.level}
+        if self.cfg.eval.select_on == "test":
+            label["note"] = (f"model selected on the test set '{name}' (as the paper's authors did); "
+                             "results on that set are optimistic")
+        return label
+
+    def evaluate_set(self, name: str, split: str) -> ev.EvalResult:
+        if split not in self._eval_loaders:
+            self._eval_loaders[split] = self._build_loader(
+                self.cfg, split, rank=self.acc.process_index, world_size=self.acc.num_processes,
+                device=self.acc.device)
+        result = ev.evaluate_loader(self.model, self._eval_loaders[split], accelerator=self.acc, name=name,
+                                    threshold=self.cfg.eval.threshold, max_batches=self.cfg.eval.max_batches,
+                                    input_dtype=self.input_dtype)
+        ev.log_result(self.tb, result, self.step)
+        return result
+
+    def _validate(self) -> bool:
+        """Evaluate the selection set; True when this step is the new best."""
+        name, split = self._selection_set()
+        result = self.evaluate_set(name, split)
+        value = ev.selection_value(result.metrics, self.cfg.eval.metric, self.cfg.eval.level)
+        self.last_metrics = {name: result.metrics}
+        improved = ev.is_better(value, None if self.best is None else self.best["value"], self.cfg.eval.metric)
+        if improved:
+            self.best = {"value": value, "step": self.step}
+        self._say(f"step {self.step}: {name} {self.cfg.eval.level} {self.cfg.eval.metric} {value:.4f}"
+                  + (" (best)" if improved else f" (best {self.best['value']:.4f} at step {self.best['step']})"
+                     if self.best else ""))
+        return improved
+
+    def _final_evaluation(self) -> int:
+        """Every test set of the recipe, with the best weights, to metrics.json and TensorBoard."""
+        cfg = self.cfg
+        best = best_checkpoint(self.run_dir / "checkpoints") if cfg.checkpoint.keep_best else None
+        evaluated = f"step-{self.step:08d} (final weights)"
+        if best is not None and self.best is not None and self.best["step"] != self.step:
+            self._load_weights(best)
+            evaluated = f"{best.name} (best by {cfg.eval.select_on} {cfg.eval.level} {cfg.eval.metric})"
+        elif best is not None:
+            evaluated = f"{best.name} (best, = final weights)"
+        report: dict[str, Any] = {"run": cfg.run.name, "final_step": self.step, "epochs": self.epoch,
+                                  "evaluated": evaluated, "nonfinite_skipped": self.nonfinite, "test": {}}
+        if self._selection_set() is not None and self.best is not None:
+            report["selection"] = {**self._selection_label(), "best_value": self.best["value"],
+                                   "best_step": self.best["step"]}
+            report["selection_metrics"] = self.last_metrics
+        for name in cfg.data.test:
+            result = self.evaluate_set(name, name)
+            report["test"][name] = result.metrics
+        if self.acc.is_main_process:
+            ev.write_json(self.run_dir / "metrics.json", report)
+            if report["test"]:
+                self._say(ev.format_table(report["test"]))
+            flat = {f"{n}/{lvl}/{k}": v for n, lv in report["test"].items() for lvl, m in lv.items()
+                    for k, v in m.items() if k in ("acc", "auc", "eer", "ap")}
+            self.tb.hparams(flat)
+        self.acc.wait_for_everyone()
+        return EXIT_OK
+
+    def _load_weights(self, ckpt: Path) -> None:
+        """Best weights into the live model, for the final evaluation."""
+        if self.deepspeed:
+            self.model.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_only=True,
+                                       load_optimizer_states=False, load_lr_scheduler_states=False)
+        else:
+            blob = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+            self.acc.unwrap_model(self.model).load_state_dict(blob["state_dict"])
+
+    # ---- misc --------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if not self.acc.is_main_process:
+            return
+        if self.progress is not None:
+            self.progress.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.tb.close()
+        for loader in [self.loader, *self._eval_loaders.values()]:
+            closer = getattr(loader, "close", None)
+            if callable(closer):
+                closer()
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def train(cfg: Config) -> int:
+    """Run one training job to completion, preemption or failure; returns the process exit code."""
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    trainer = Trainer(cfg)
+    try:
+        code = trainer.fit()
+    finally:
+        trainer.close()  # local resources only: no collective here, a failing rank must not hang
+    trainer.acc.end_training()
+    return code
+
+
+__all__ = ["train", "Trainer", "EXIT_OK", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
