@@ -90,7 +90,7 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
 def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
     """The model.pt dict, read with ``weights_only`` (plain tensors and Python values only)."""
     f = resolve_model_file(path)
-    blob = torch.load(f, map_location="cpu", weights_only=True)
+    blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     missing = [k for k in ("config", "state_dict", "step") if k not in blob]
     if missing:
         raise ValueError(f"{f}: not an fdtrain model file (missing {missing})")

@@ -29,3 +29,80 @@ def run_train(args: argparse.Namespace) -> int:
             return 2
         raise
     return train(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# fdtrain evaluate
+# --------------------------------------------------------------------------------------------
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="model.pt, a checkpoint folder (step-N/), or a run folder (its best, else newest, checkpoint)")
+    p.add_argument("--data", required=True,
+                   help="a shard folder with manifest.json, or a dataset folder: each split folder in it is evaluated")
+    p.add_argument("--name", default="", help="set name in the output (one folder), or the split folder to pick")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--batch-size", type=int, default=0, help="per-process batch (default: the run's eval_batch_size)")
+    p.add_argument("--backend", choices=("auto", "dali", "torch"), default="", help="loader (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threshold", type=float, default=None, help="accuracy threshold (default: eval.threshold)")
+    p.add_argument("--max-batches", type=int, default=0, help="evaluate at most this many batches per set (smoke runs)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from fdtrain.engine.evaluate import evaluate_checkpoint, format_table, write_json
+
+    try:
+        report = evaluate_checkpoint(args.checkpoint, args.data, name=args.name, batch_size=args.batch_size,
+                                     backend=args.backend, device=args.device, max_batches=args.max_batches,
+                                     threshold=args.threshold)
+    except FileNotFoundError as e:
+        print(f"fdtrain evaluate: {e}", file=sys.stderr)
+        return 2
+    if report.pop("is_main_process"):
+        print(f"checkpoint {report['checkpoint']} (step {report['step']})")
+        print(format_table(report["results"]))
+        if args.out:
+            write_json(args.out, report)
+            print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# fdtrain predict
+# --------------------------------------------------------------------------------------------
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image or video files, or folders of them")
+    p.add_argument("--checkpoint", required=True, help="model.pt, a checkpoint folder, or a run folder")
+    p.add_argument("--out", default="", help="write the JSON lines here instead of stdout")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled uniformly per video")
+    p.add_argument("--detector", default="dlib", help="face detector for videos: dlib[:opts], boxes:FILE, none")
+    p.add_argument("--crop-images", action="store_true", help="detect and crop faces in images too "
+                   "(default: images are face crops already, as in the shards)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threshold", type=float, default=0.5, help="score above which the label is 'fake'")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from fdtrain.engine.predict import PredictOptions, predict_paths
+
+    opts = PredictOptions(frames=args.frames, detector=args.detector, crop_images=args.crop_images,
+                          batch_size=args.batch_size, threshold=args.threshold)
+    out = open(args.out, "w") if args.out else sys.stdout
+    failed = 0
+    try:
+        for rec in predict_paths(args.checkpoint, args.inputs, opts, device=args.device):
+            failed += rec.get("score") is None
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+    except FileNotFoundError as e:
+        print(f"fdtrain predict: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if failed:
+        print(f"fdtrain predict: {failed} input(s) could not be scored (see their 'error' field)", file=sys.stderr)
+    return 1 if failed else 0

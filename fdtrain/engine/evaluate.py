@@ -119,3 +119,69 @@ def _nan_to_none(v: Any) -> Any:
     if isinstance(v, np.integer):
         return int(v)
     return v
+
+
+# --------------------------------------------------------------------------------------------
+# `fdtrain evaluate`: a checkpoint on shard folders, without the trainer
+# --------------------------------------------------------------------------------------------
+def find_sets(data: str | os.PathLike, name: str = "") -> dict[str, Path]:
+    """{set name: split folder}: ``data`` is one split folder (with manifest.json), or a dataset
+    folder whose sub-folders are splits (each evaluated, named after the folder)."""
+    data = Path(data)
+    if (data / "manifest.json").is_file():
+        return {name or data.name: data}
+    subs = {p.name: p for p in sorted(data.iterdir()) if (p / "manifest.json").is_file()} if data.is_dir() else {}
+    if not subs:
+        raise FileNotFoundError(f"{data}: no manifest.json here or in its sub-folders (expected shards written "
+                                "by `fdtrain shards make`)")
+    if name:
+        if name not in subs:
+            raise FileNotFoundError(f"{data}: no split folder '{name}' (have {sorted(subs)})")
+        return {name: subs[name]}
+    return subs
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *, name: str = "",
+                        batch_size: int = 0, backend: str = "", device: str = "auto", max_batches: int = 0,
+                        threshold: float | None = None) -> dict[str, Any]:
+    """Frame- and video-level metrics of a checkpoint on one or more shard folders.
+
+    Runs on one process, or on every rank when started by a launcher (WORLD_SIZE > 1), the
+    same evaluation the trainer does.
+    """
+    from fdtrain.data import build_loader
+    from fdtrain.engine.checkpoint import load_model_file, resolve_model_file
+    from fdtrain.inference import load_model
+
+    model_file = resolve_model_file(checkpoint)
+    model, cfg = load_model(model_file)
+    blob = load_model_file(model_file)
+    if batch_size:
+        cfg.data.eval_batch_size = batch_size
+    if backend:
+        cfg.data.backend = backend
+    threshold = cfg.eval.threshold if threshold is None else threshold
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+        dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    else:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        rank, world = 0, 1
+    model.to(dev)
+    results = {}
+    for set_name, folder in find_sets(data, name).items():
+        loader = build_loader(cfg, set_name, rank=rank, world_size=world, device=dev, path=str(folder))
+        try:
+            res = evaluate_loader(model, loader, accelerator=accelerator, name=set_name, threshold=threshold,
+                                  max_batches=max_batches)
+        finally:
+            if callable(getattr(loader, "close", None)):
+                loader.close()
+        results[set_name] = res.metrics
+    return {"checkpoint": str(model_file), "step": blob.get("step"), "run": cfg.run.name,
+            "input_size": cfg.model.input_size, "threshold": threshold, "results": results,
+            "is_main_process": rank == 0}

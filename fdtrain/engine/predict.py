@@ -1,0 +1,133 @@
+"""Score images and videos with a trained checkpoint: one JSON line per input.
+
+Images are taken as face crops (what the shards hold) unless ``crop_images`` asks for detection.
+Videos: ``frames`` frames spread uniformly over the video, the face of each cropped exactly as
+ingestion does (fdtrain.data.video / fdtrain.data.faces: detector, score x area choice, square box
+x1.3, short side 320, JPEG q95 round trip), then scored; the video's score is the mean frame score,
+as the video-level metrics define it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictOptions:
+    frames: int = 16  # frames sampled per video
+    detector: str = "dlib"  # fdtrain.data.faces.make_detector spec, for videos (and images with crop_images)
+    crop_images: bool = False  # detect and crop faces in still images too
+    margin: float = 1.3
+    crop_size: int = 320  # short side of a crop before the model's resize, as ingestion stores it
+    jpeg_quality: int = 95  # ingestion stores JPEG q95 crops; scoring the same bytes avoids a shift
+    batch_size: int = 16
+    threshold: float = 0.5
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Files as given; folders contribute their images and videos (sorted, not recursive)."""
+    from fdtrain.data.video import IMAGE_EXTS, VIDEO_EXTS
+
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS)
+        else:
+            out.append(p)
+    return out
+
+
+def to_input(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """HxWx3 uint8 -> (3,S,S) float in [-1,1]: bilinear (antialiased) resize, then (x/255-0.5)/0.5,
+    the loaders' normalisation."""
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().unsqueeze(0)  # (1,3,H,W)
+    if t.shape[-2:] != (size, size):
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    return ((t / 255.0 - 0.5) / 0.5).clamp(-1, 1)[0]
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, input_size: int, device: torch.device, opts: PredictOptions):
+        self.model, self.size, self.device, self.opts = model.to(device).eval(), input_size, device, opts
+        self._detector = None
+
+    def detector(self):
+        if self._detector is None:
+            from fdtrain.data.faces import make_detector
+
+            self._detector = make_detector(self.opts.detector)
+        return self._detector
+
+    def _face(self, rgb: np.ndarray, video: str, frame: int) -> np.ndarray | None:
+        """The face crop of one frame, as ingestion makes it (None when no face is found)."""
+        from fdtrain.data.faces import crop_face, encode_image, pick_face
+        from fdtrain.data.video import load_rgb
+
+        face = pick_face(self.detector().detect(rgb, video=video, frame=frame, source=video))
+        if face is None:
+            return None
+        crop = crop_face(rgb, face[0], self.opts.margin, self.opts.crop_size)
+        return load_rgb(encode_image(crop, "jpg", self.opts.jpeg_quality))
+
+    @torch.no_grad()
+    def scores(self, crops: list[np.ndarray]) -> list[float]:
+        out = []
+        for i in range(0, len(crops), self.opts.batch_size):
+            x = torch.stack([to_input(c, self.size) for c in crops[i:i + self.opts.batch_size]]).to(self.device)
+            out += torch.sigmoid(self.model(x).float()).cpu().tolist()
+        return out
+
+    def predict(self, path: Path) -> dict[str, Any]:
+        from fdtrain.data.video import IMAGE_EXTS, VIDEO_EXTS, load_rgb, read_video_frames
+
+        rec: dict[str, Any] = {"path": str(path)}
+        suffix = path.suffix.lower()
+        try:
+            if suffix in IMAGE_EXTS:
+                rec["kind"] = "image"
+                rgb = load_rgb(path)
+                crop = self._face(rgb, str(path), 0) if self.opts.crop_images else rgb
+                if crop is None:
+                    return {**rec, "score": None, "error": "no face found"}
+                rec["score"] = self.scores([crop])[0]
+            elif suffix in VIDEO_EXTS:
+                rec["kind"] = "video"
+                frames, total = read_video_frames(path, self.opts.frames)
+                crops = [(i, c) for i, rgb in frames if (c := self._face(rgb, str(path), i)) is not None]
+                rec.update(frames_total=total, frames_sampled=len(frames), faces=len(crops))
+                if not crops:
+                    return {**rec, "score": None, "error": f"no face found in {len(frames)} sampled frames"}
+                frame_scores = self.scores([c for _, c in crops])
+                rec["frame_scores"] = {str(i): round(s, 6) for (i, _), s in zip(crops, frame_scores)}
+                rec["score"] = float(np.mean(frame_scores))
+            else:
+                return {**rec, "score": None, "error": f"unsupported file type '{suffix}' "
+                                                         f"(images {IMAGE_EXTS}, videos {VIDEO_EXTS})"}
+        except (OSError, ValueError) as e:  # unreadable file, undecodable stream: report and go on
+            return {**rec, "score": None, "error": f"{type(e).__name__}: {e}"}
+        rec["label"] = "fake" if rec["score"] > self.opts.threshold else "real"
+        return rec
+
+
+def predict_paths(checkpoint: str | os.PathLike, paths: list[str], opts: PredictOptions,
+                  device: str = "auto") -> Iterator[dict[str, Any]]:
+    """Yield one record per input: {"path", "kind", "score", "label", ...} or with "error"."""
+    from fdtrain.engine.checkpoint import resolve_model_file
+    from fdtrain.inference import load_model
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, cfg = load_model(resolve_model_file(checkpoint))
+    predictor = Predictor(model, cfg.model.input_size, dev, opts)
+    for p in expand_inputs(paths):
+        yield predictor.predict(p)
