@@ -243,6 +243,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(value, _Raw):  # command-line text: strings stay verbatim ("007"), the rest parses
         if tp is str:
             return str(value)
+        if origin is Literal and str(value) in typing.get_args(tp):  # "no" is a choice, not YAML's False
+            return str(value)
         if origin is list and not value.lstrip().startswith("["):
             value = [_Raw(v.strip()) for v in value.split(",") if v.strip()]
         else:
