@@ -1,0 +1,263 @@
+"""DALI backend: ``fn.readers.webdataset`` -> ``fn.decoders.image`` -> resize -> flip + normalize.
+
+One parameter, the decoder device, separates the GPU graph ("mixed": nvJPEG, everything after it on
+the GPU) from the CPU graph ("cpu", ``device_id=None``); the graph is otherwise identical. The
+pipeline is rebuilt each epoch with seed ``run.seed + epoch`` so an epoch's order depends only on
+(seed, epoch, rank) and a resumed run replays it exactly. The noisy view X~ is added after DALI, on
+the output device, by the code shared with the fallback (``loader.add_gated_noise``).
+
+Decoder failures surface as a ``RuntimeError`` from DALI that does not always name the sample, so
+the batches in flight are replayed through a reader-only pipeline (same seed, same order) and each
+of their images is decoded alone to find the bad one(s); the error then names shard and key, or
+with ``data.on_corrupt=skip`` the samples are dropped from this rank's index and the epoch resumes.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from fdtrain.data import DataError
+from fdtrain.data.loader import Loader, log, parse_label
+
+READER = "Reader"
+IMAGE_EXT = "jpg;jpeg;png"
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (\S+):(\d+):(\S+)")
+
+
+def sample_key(name: str) -> str:
+    """WebDataset key of a member name: everything before the first dot of the last path part."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return name if dot < 0 else name[:dot]
+
+
+def parse_source_info(info: str) -> tuple[str, str]:
+    """(tar path, sample key) from DALI's ``source_info`` ``<tar>:<offset>:<member name>``."""
+    tar, _offset, name = info.rsplit(":", 2)
+    return tar, sample_key(name)
+
+
+def image_pipeline(*, tars: list[str], indexes: list[str], shard_id: int, num_shards: int, batch_size: int,
+                   size: int, train: bool, seed: int, flip_p: float, decoder: str, device_id: int | None,
+                   num_threads: int, prefetch: int, shuffle_buffer: int, fp16: bool = False,
+                   decode: bool = True) -> Pipeline:
+    """The DALI graph. Outputs: x (B,3,S,S) normalized, cls bytes and source_info bytes (zero-padded).
+
+    ``decode=False`` keeps only the reader (same seed, same order): used to replay the samples of a
+    failed batch without decoding them.
+    """
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=prefetch)
+    with pipe:
+        images, cls = fn.readers.webdataset(
+            paths=tars, index_paths=indexes, ext=[IMAGE_EXT, "cls"], missing_component_behavior="error",
+            shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
+            random_shuffle=train, initial_fill=max(1, shuffle_buffer), seed=seed,
+            pad_last_batch=not train,  # eval: the iterator drops the padding (LastBatchPolicy.PARTIAL)
+            name=READER)
+        info = fn.pad(fn.get_property(images, key="source_info"), fill_value=0)
+        cls = fn.pad(cls, fill_value=0)  # raw ASCII bytes ("0"/"1"), parsed on the host
+        if not decode:
+            pipe.set_outputs(cls, info)
+            return pipe
+        images = fn.decoders.image(images, device=decoder, output_type=types.RGB)
+        # linear + antialias: a triangle filter over the source footprint, like PIL's BILINEAR
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        mirror = fn.random.coin_flip(probability=flip_p) if train and flip_p > 0 else 0
+        x = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="CHW",
+                                     mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
+        pipe.set_outputs(x, cls, info)
+    return pipe
+
+
+class DaliLoader(Loader):
+    """``fn.readers.webdataset`` with ``shard_id``/``num_shards`` over ranks; DALIGenericIterator output."""
+
+    backend = "dali"
+
+    def __init__(self, cfg: Any, shards: Any, **kw: Any):
+        super().__init__(cfg, shards, **kw)
+        cuda = self.device.type == "cuda"
+        self.decoder = "mixed" if cuda else "cpu"
+        # device_id=None is DALI's CPU-only mode; any GPU id fails to build without a GPU
+        self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if cuda else None
+        self._tmp: tempfile.TemporaryDirectory | None = None  # filtered index files (on_corrupt=skip)
+
+    def describe(self) -> str:
+        d = self.cfg.data
+        return f"decoder={self.decoder}, {d.num_threads} threads, prefetch {d.prefetch}"
+
+    # --- pipeline per epoch ------------------------------------------------------------------
+    def _reader_args(self, epoch: int) -> dict[str, Any]:
+        # Training moves each rank to the next reader shard every epoch (what DALI's
+        # stick_to_shard=False does inside one pipeline; explicit here as we rebuild per epoch).
+        shard_id = (self.rank + epoch) % self.world_size if self.train else self.rank
+        tars = [str(t) for t in self.shards.tars]
+        idx = [str(i) for i in self.shards.indexes]
+        num_shards = self.world_size
+        if self.skipped:  # known-bad samples: this rank's range from indexes that leave them out
+            tars, idx = self._filtered_indexes(shard_id)
+            shard_id, num_shards = 0, 1
+        return dict(tars=tars, indexes=idx, shard_id=shard_id, num_shards=num_shards, seed=self.seed + epoch)
+
+    def _pipeline(self, epoch: int, decode: bool = True) -> Pipeline:
+        d = self.cfg.data
+        pipe = image_pipeline(**self._reader_args(epoch), batch_size=self.batch_size, size=self.size,
+                              train=self.train, flip_p=d.flip_p, decoder=self.decoder, device_id=self.device_id,
+                              num_threads=d.num_threads, prefetch=d.prefetch, shuffle_buffer=d.shuffle_buffer,
+                              fp16=self.dtype == torch.float16, decode=decode)
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise DataError(f"data[{self.shards.split}]: DALI cannot build the pipeline for {self.shards.root}: "
+                            f"{e}") from e
+        return pipe
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        step = 0  # batches this epoch's reader has produced (handed out or fast-forwarded)
+        while True:
+            pipe = self._pipeline(epoch)
+            it = DALIGenericIterator([pipe], ["x", "cls", "info"], reader_name=READER, auto_reset=False,
+                                     last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+            if skip:
+                log.info("data[%s]: DALI replays %d batch(es) to reach the saved position", self.shards.split, skip)
+            try:
+                for out in self._stream(it):
+                    step += 1
+                    if step > skip:
+                        yield self._host_fields(out)
+                return
+            except RuntimeError as e:  # any DALI error leaves the pipeline unusable
+                failed = e
+            finally:
+                del it, pipe
+            bad = self._locate_bad(epoch, step, failed)
+            if not bad or all(key in self.skipped for _, key, _ in bad):
+                raise DataError(f"data[{self.shards.split}] rank {self.rank}: DALI failed in epoch {epoch} near step "
+                                f"{step + 1} and no single sample could be blamed (shards {self.shards.root}):\n"
+                                f"{failed}") from failed
+            if self.cfg.data.on_corrupt != "skip":
+                shard, key, reason = bad[0]
+                more = f" (and {len(bad) - 1} more in the same batches)" if len(bad) > 1 else ""
+                raise DataError(f"undecodable image in shard {shard}, key {key}{more}: {reason}; "
+                                "set data.on_corrupt=skip to skip and count such samples") from failed
+            for shard, key, reason in bad:
+                self._record_skip(key, shard, reason)
+            skip = step  # rebuild without them and continue where this epoch was
+
+    def _stream(self, it: DALIGenericIterator) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            try:
+                yield next(it)[0]
+            except StopIteration:
+                if not self.train:
+                    return
+                it.reset()  # a rank range shorter than the epoch (after skipped samples): wrap around
+
+    def _host_fields(self, out: dict[str, torch.Tensor]) -> dict[str, Any]:
+        keys, labels = [], []
+        for info, cls in zip(out["info"].numpy(), out["cls"].numpy()):
+            tar, key = parse_source_info(bytes(info).rstrip(b"\0").decode())
+            keys.append(key)
+            labels.append(parse_label(bytes(cls), key, tar))
+        return {"x": out["x"], "label": torch.tensor(labels, dtype=torch.float32), "key": keys}
+
+    # --- corrupt samples ---------------------------------------------------------------------
+    def _locate_bad(self, epoch: int, step: int, err: BaseException | None) -> list[tuple[str, str, str]]:
+        """(shard, key, reason) of undecodable images among the batches that were in flight."""
+        text = str(err)
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        candidates: dict[tuple[str, int], str] = {}
+        m = _FAILED_SAMPLE.search(text)
+        if m:
+            candidates[(m.group(1), int(m.group(2)))] = m.group(3)
+        pipe = self._pipeline(epoch, decode=False)  # same reader, same seed: the same samples in order
+        try:
+            for b in range(step + self.cfg.data.prefetch + 1):
+                cls, info = pipe.run()
+                if b < step:
+                    continue
+                for row in info.as_array():
+                    tar, offset, name = bytes(row).rstrip(b"\0").decode().rsplit(":", 2)
+                    candidates[(tar, int(offset))] = name
+        except (RuntimeError, StopIteration):
+            pass  # the reader itself failed: keep what the message named
+        finally:
+            del pipe
+        checker = _DecodeChecker(self.decoder, self.device_id)
+        bad = []
+        for (tar, offset), name in sorted(candidates.items()):
+            reason = checker.check(tar, offset)
+            if reason is not None:
+                bad.append((tar, sample_key(name), f"{reason} [DALI: {first[:200]}]"))
+        return bad
+
+    def _filtered_indexes(self, shard_id: int) -> tuple[list[str], list[str]]:
+        """Index files holding this reader shard's samples minus the skipped keys (same tars, same offsets)."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fdtrain-idx-")
+        lo, hi = self.shards.rank_range(shard_id, self.world_size)
+        tars, idx, kept = [], [], 0
+        for i, first, end in self.shards.pieces(lo, hi):
+            lines = Path(self.shards.indexes[i]).read_text().splitlines()[1:][first:end]
+            lines = [ln for ln in lines if sample_key(ln.split()[3]) not in self.skipped]
+            if not lines:
+                continue
+            out = Path(self._tmp.name) / f"{i:06d}-s{shard_id}.idx"
+            out.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+            tars.append(str(self.shards.tars[i]))
+            idx.append(str(out))
+            kept += len(lines)
+        if kept < (self.batch_size if self.train else 1):
+            raise DataError(f"data[{self.shards.split}] rank {self.rank}: {kept} decodable samples left in its range "
+                            f"after skipping {len(self.skipped)}: cannot fill a batch")
+        return tars, idx
+
+
+class _DecodeChecker:
+    """Decodes one encoded image at a time with the loader's own decoder; None when it decodes."""
+
+    def __init__(self, decoder: str, device_id: int | None):
+        self.decoder, self.device_id = decoder, device_id
+        self.pipe: Pipeline | None = None
+
+    def _build(self) -> Pipeline:
+        pipe = Pipeline(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1)
+        with pipe:
+            data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            pipe.set_outputs(fn.decoders.image(data, device=self.decoder, output_type=types.RGB))
+        pipe.build()
+        return pipe
+
+    def check(self, tar: str, offset: int) -> str | None:
+        data = _member_bytes(tar, offset)
+        if self.pipe is None:
+            self.pipe = self._build()
+        try:
+            self.pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+            self.pipe.run()
+            return None
+        except RuntimeError as e:
+            self.pipe = None  # invalid after an error
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if "decode" in ln.lower() or "failure" in ln.lower()), lines[-1:])
+            return f"{len(data)}-byte image does not decode ({detail})"
+
+
+def _member_bytes(tar: str, offset: int) -> bytes:
+    """Bytes of the tar member whose data starts at ``offset`` (its ustar header is the block before)."""
+    with open(tar, "rb") as fh:
+        fh.seek(offset - 512)
+        header = fh.read(512)
+        size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+        return fh.read(size)

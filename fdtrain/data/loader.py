@@ -1,0 +1,400 @@
+"""The loader contract, shared by the DALI backend and the PyTorch fallback.
+
+``build_loader(cfg, split, rank=, world_size=, device=, path=, dtype=) -> Loader``
+
+* ``split == "train"``: shuffled (seeded by ``cfg.run.seed + epoch``), flipped with
+  ``data.flip_p``, batches ``{"x", "x_noisy", "label", "key"}``; ``len(loader)`` steps per epoch,
+  ``num_samples // (world_size * batch_size)``, the same on every rank.
+* any other split (``"val"``, a name in ``data.test``, or any folder given as ``path``): read in
+  order, no flip, no noise; every sample exactly once across ranks, padding removed, batches
+  ``{"x", "label", "key"}`` (the last one may be smaller).
+
+``x`` and ``x_noisy`` are ``(B, 3, S, S)`` in ``dtype`` on ``device`` with S = ``model.input_size``
+and pixels ``(v / 255 - 0.5) / 0.5``; ``label`` is float32 0/1; ``key`` the samples' keys.
+A loader saves its position (``state_dict``: epoch, step in epoch, skipped samples) and resumes
+with the exact same order. Everything that can be refused (no such folder, empty split, stale or
+missing index, too few shards for ranks x workers) is refused here, before training starts.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fdtrain.data import DataError
+
+log = logging.getLogger("fdtrain.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")  # the image component of a sample (system.md "Shard format")
+
+
+# --------------------------------------------------------------------------------------------
+# Shards of one split
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ShardSet:
+    """The tar files of one split, their DALI index files and sample counts (manifest order)."""
+
+    split: str
+    root: str
+    tars: list[Path]
+    indexes: list[Path]
+    counts: list[int]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.tars)
+
+    def rank_range(self, shard_id: int, num_shards: int) -> tuple[int, int]:
+        """Global sample range [lo, hi) of one reader shard: DALI's split of the concatenated shards."""
+        n = self.num_samples
+        return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(tar index, first, end) sample ranges inside tars that together cover [lo, hi)."""
+        out, start = [], 0
+        for i, c in enumerate(self.counts):
+            a, b = max(lo, start), min(hi, start + c)
+            if a < b:
+                out.append((i, a - start, b - start))
+            start += c
+        return out
+
+
+def split_path(cfg: Any, split: str, path: str | None) -> tuple[str, str]:
+    """The folder (or tar pattern) of a split and the config field it came from."""
+    if path is not None:
+        return str(path), "path"
+    if split in ("train", "val"):
+        value, field = getattr(cfg.data, split), f"data.{split}"
+    elif split in cfg.data.test:
+        value, field = cfg.data.test[split], f"data.test.{split}"
+    else:
+        names = ["train", "val", *cfg.data.test]
+        raise DataError(f"unknown split '{split}': expected one of {names} or an explicit path=")
+    if not value:
+        raise DataError(f"{field} is empty: set it to the shard folder of the '{split}' split")
+    return value, field
+
+
+def open_shards(location: str, split: str, *, field: str = "path", need_index: bool = True,
+                missing_index: str = "build") -> ShardSet:
+    """Check a split's shards before anything runs and return them in manifest order."""
+    where = f"{field}={location}"
+    root = Path(location)
+    if root.is_dir():
+        manifest_path = root / "manifest.json"
+        if not manifest_path.is_file():
+            raise DataError(f"{where}: no manifest.json in this folder (write shards with `fdtrain shards make`)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            entries = manifest["shards"]
+            names = [e["name"] for e in entries]
+            counts = [int(e["num_samples"]) for e in entries]
+            total = int(manifest["num_samples"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e}); "
+                            "need num_samples and shards[{{name, num_samples}}]") from e
+        if sum(counts) != total:
+            raise DataError(f"{manifest_path}: num_samples={total} but its shards hold {sum(counts)}")
+        tars = [root / n for n in names]
+        missing = [str(t) for t in tars if not t.is_file()]
+        if missing:
+            raise DataError(f"{where}: shard(s) listed in manifest.json are missing: {', '.join(missing[:3])}"
+                            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    else:
+        tars = [Path(p) for p in _expand_pattern(location)]
+        if not tars:
+            raise DataError(f"{where}: no such folder, and no tar file matches it as a pattern")
+        counts = []  # filled from the index files below (no manifest)
+        need_index = True
+    if not tars or (counts and sum(counts) == 0):
+        raise DataError(f"{where}: the '{split}' split is empty (0 samples)")
+    indexes = [ensure_index(t, missing_index) for t in tars] if need_index else [t.with_suffix(".idx") for t in tars]
+    if need_index:
+        found = [index_count(i) for i in indexes]
+        if counts:
+            stale = [(str(t), f, c) for t, f, c in zip(tars, found, counts) if f != c]
+            if stale:
+                t, f, c = stale[0]
+                raise DataError(f"{t}: its index lists {f} samples but manifest.json says {c}: stale index "
+                                "(delete the .idx file to rebuild it)")
+        counts = found
+    shards = ShardSet(split=split, root=str(location), tars=tars, indexes=indexes, counts=counts)
+    if shards.num_samples == 0:
+        raise DataError(f"{where}: the '{split}' split is empty (0 samples)")
+    return shards
+
+
+def _expand_pattern(pattern: str) -> list[str]:
+    """Tar files matching a brace and/or glob pattern such as ``/d/shard-{000000..000009}.tar``."""
+    import braceexpand  # a webdataset dependency
+
+    out: list[str] = []
+    for p in braceexpand.braceexpand(pattern):
+        out += sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.isfile(p) else [])
+    return out
+
+
+def index_count(idx: Path) -> int:
+    """Number of samples a DALI webdataset index (``v1.2 N`` header) lists."""
+    with open(idx) as fh:
+        head = fh.readline().split()
+    if len(head) != 2 or not head[1].isdigit():
+        raise DataError(f"{idx}: not a DALI webdataset index (header {' '.join(head)!r})")
+    return int(head[1])
+
+
+def ensure_index(tar: Path, policy: str) -> Path:
+    """The DALI index of a tar: beside it, else in the user cache; built (with a warning) or refused."""
+    beside = tar.with_suffix(".idx")
+    if beside.is_file():
+        return beside
+    st = tar.stat()
+    tag = hashlib.sha1(f"{tar.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fdtrain" / "wds-index" / f"{tag}.idx"
+    if cached.is_file():
+        return cached
+    if policy != "build":
+        raise DataError(f"{tar}: no DALI index {beside.name} beside it (data.missing_index=error); "
+                        f"build it with `wds2idx {tar}` or set data.missing_index=build")
+    for target in (beside, cached):
+        try:
+            build_index(tar, target)
+        except OSError:
+            continue  # read-only shard folder: fall back to the cache
+        warnings.warn(f"{tar}: no DALI index; built {target} (write shards with `fdtrain shards make` to get one)",
+                      stacklevel=3)
+        log.warning("built missing DALI index %s", target)
+        return target
+    raise DataError(f"{tar}: no DALI index and none could be written beside it or in {cached.parent}")
+
+
+def build_index(tar: Path, idx: Path) -> None:
+    """Write a DALI index with the ``wds2idx`` module of the DALI wheel (atomic: ranks may race)."""
+    import wds2idx
+
+    idx.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=idx.parent, prefix=f".{idx.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with wds2idx.IndexCreator(str(tar), tmp, verbose=False) as creator:
+            creator.create_index()
+        os.replace(tmp, idx)
+    except ValueError as e:  # wds2idx: "Webdataset Tar File empty"
+        raise DataError(f"{tar}: cannot index ({e})") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample helpers shared by both backends
+# --------------------------------------------------------------------------------------------
+def parse_label(raw: bytes, key: str, shard: str) -> float:
+    """The ``cls`` component: ASCII "0" (real) or "1" (fake)."""
+    text = raw.rstrip(b"\0").strip()
+    if text not in (b"0", b"1"):
+        raise DataError(f"shard {shard}, key {key}: cls must be '0' or '1', got {text[:20]!r}")
+    return float(text == b"1")
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, rank, step, ...), stable across runs and processes."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 (v / 255 - 0.5) / 0.5 = v / 127.5 - 1."""
+    return x.float().mul_(1.0 / 127.5).sub_(1.0)
+
+
+def add_gated_noise(x: torch.Tensor, p: float, std: float, generator: torch.Generator) -> torch.Tensor:
+    """X~ = clip(X + N(0, std), -1, 1) for each sample with probability p; X elsewhere (model.md, Input).
+
+    Applied on the output device for both backends: the noise draws cost ~10 ms/image in DALI's CPU
+    operators, and producing X~ in workers would double the host-to-device traffic.
+    """
+    gate = torch.rand(x.shape[0], generator=generator, device=x.device) < p
+    if x.device.type == "cuda":  # no host sync: draw for all and select
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        noisy = (x.float() + std * noise).clamp_(-1.0, 1.0).to(x.dtype)
+        return torch.where(gate.view(-1, 1, 1, 1), noisy, x)
+    out = x.clone()
+    idx = gate.nonzero().squeeze(1)  # on the CPU, draw only for the gated samples
+    if idx.numel() and std > 0:
+        noise = torch.randn((idx.numel(), *x.shape[1:]), generator=generator, dtype=torch.float32)
+        out[idx] = noise.mul_(std).add_(x[idx].float()).clamp_(-1.0, 1.0).to(x.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------
+class Loader:
+    """One split for one rank; backends implement ``_batches`` and ``_eval_steps``."""
+
+    backend = "?"
+
+    def __init__(self, cfg: Any, shards: ShardSet, *, train: bool, rank: int, world_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.cfg, self.shards, self.train = cfg, shards, train
+        self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
+        self.batch_size = cfg.data.batch_size if train else cfg.data.eval_batch_size
+        self.size = cfg.model.input_size
+        self.seed = cfg.run.seed
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.skipped: dict[str, str] = {}  # key -> "shard: reason", with data.on_corrupt=skip
+        self.num_samples = shards.num_samples
+        if train:
+            self.steps_per_epoch = self.num_samples // (world_size * self.batch_size)
+        else:
+            self.steps_per_epoch = self._eval_steps()
+
+    # --- contract ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning; setting the current epoch keeps a resumed position."""
+        if epoch != self.epoch:
+            self.epoch, self.step_in_epoch = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "backend": self.backend,
+                "seed": self.seed, "world_size": self.world_size, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("world_size", self.world_size) != self.world_size:
+            log.warning("data: resuming with %d ranks instead of %d: the sample order will differ",
+                        self.world_size, sd["world_size"])
+        self.epoch, self.step_in_epoch = int(sd["epoch"]), int(sd["step_in_epoch"])
+        self.skipped.update(sd.get("skipped", {}))
+        if self.train and self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch (the rest of it after ``load_state_dict``); then the epoch counter moves on."""
+        epoch, skip = self.epoch, (self.step_in_epoch if self.train else 0)
+        if skip:
+            log.info("data[%s]: resuming epoch %d at step %d/%d", self.shards.split, epoch, skip, self.steps_per_epoch)
+        want = self.steps_per_epoch - skip if self.train else None
+        got = 0
+        for raw in self._batches(epoch, skip):
+            if want is not None and got == want:
+                break
+            step = skip + got
+            out = self._finish(raw, epoch, step)
+            got += 1
+            if self.train:
+                self.step_in_epoch = step + 1  # counted when handed out: a checkpoint after it skips it
+            yield out
+        if want is not None and got != want:  # a short rank would hang the others at the next all-reduce
+            raise DataError(f"data[{self.shards.split}] rank {self.rank}: epoch {epoch} ended after {skip + got} "
+                            f"of {self.steps_per_epoch} steps ({self.backend} backend)")
+        if self.train:
+            self.epoch, self.step_in_epoch = epoch + 1, 0
+
+    # --- shared post-processing ---------------------------------------------------------------
+    def _finish(self, raw: dict[str, Any], epoch: int, step: int) -> dict[str, Any]:
+        """Move to the device, normalize uint8 input, cast, and add X~ in training."""
+        x = raw["x"].to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalize_uint8(x)
+        x = x.to(self.dtype)
+        out = {"x": x, "label": raw["label"].to(self.device, non_blocking=True), "key": raw["key"]}
+        if self.train:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(mix_seed(self.seed, epoch, self.rank, step, 0x4E01))
+            out["x_noisy"] = add_gated_noise(x, self.cfg.data.noise_p, self.cfg.data.noise_std, g)
+        return out
+
+    def _record_skip(self, key: str, shard: str, reason: str) -> None:
+        if key not in self.skipped:
+            self.skipped[key] = f"{shard}: {reason}"
+            log.warning("data[%s]: skipped undecodable sample %s in %s (%s); %d skipped so far",
+                        self.shards.split, key, shard, reason, len(self.skipped))
+
+    # --- backends -----------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Backend settings for the one log line that announces the loader."""
+        return ""
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _eval_steps(self) -> int:
+        lo, hi = self.shards.rank_range(self.rank, self.world_size)
+        return math.ceil((hi - lo) / self.batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """(backend, why) for data.backend = auto | dali | torch."""
+    if requested == "torch":
+        return "torch", "data.backend=torch"
+    if dali_available():
+        return "dali", f"data.backend={requested}"
+    if requested == "dali":
+        raise DataError("data.backend=dali but nvidia.dali is not importable: "
+                        "pip install 'fdtrain[dali]' or set data.backend=torch (or auto)")
+    return "torch", "data.backend=auto and DALI is not installed: PyTorch fallback"
+
+
+def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, device: Any = None,
+                 path: str | None = None, dtype: Any = None) -> Loader:
+    """Check the split's shards and settings, pick the backend (one log line) and build the loader."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or torch.float32
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} outside world_size {world_size}")
+    train = split == "train"
+    backend, why = choose_backend(cfg.data.backend)
+    location, field = split_path(cfg, split, path)
+    shards = open_shards(location, split, field=field, need_index=backend == "dali",
+                         missing_index=cfg.data.missing_index)
+    batch = cfg.data.batch_size if train else cfg.data.eval_batch_size
+    if train and shards.num_samples < world_size * batch:
+        raise DataError(f"{field}={location}: {shards.num_samples} samples cannot fill one step of "
+                        f"{world_size} rank(s) x data.batch_size={batch}")
+    if backend == "torch" and train:
+        need = world_size * max(1, cfg.data.num_workers)
+        if shards.num_shards < need:
+            raise DataError(
+                f"{field}={location}: {shards.num_shards} shard(s) for {world_size} rank(s) x "
+                f"{max(1, cfg.data.num_workers)} worker(s) (data.num_workers): the PyTorch fallback splits whole "
+                f"shards between ranks and workers, so it needs at least {need}; write smaller shards, lower "
+                "data.num_workers, or use the DALI backend (which splits by sample)")
+    if backend == "dali":
+        from fdtrain.data.dali_pipeline import DaliLoader as cls
+    else:
+        from fdtrain.data.torch_loader import TorchLoader as cls
+    loader = cls(cfg, shards, train=train, rank=rank, world_size=world_size, device=device, dtype=dtype)
+    log.info("data[%s] rank %d/%d: backend=%s (%s), %s, %d samples in %d shards, batch %d, %d steps/epoch",
+             split, rank, world_size, backend, why, loader.describe(), shards.num_samples, shards.num_shards,
+             batch, loader.steps_per_epoch)
+    return loader

@@ -1,0 +1,245 @@
+"""PyTorch fallback: WebDataset tar streams decoded in DataLoader workers; the same function as DALI.
+
+Training: each epoch the shard list is permuted with (seed, epoch), the same on every rank; rank r
+takes every world-th shard of it (node split) and worker w every n-th of those (worker split). Each
+worker cycles over its shards forever through a seeded shuffle buffer, and the loader takes exactly
+``steps_per_epoch`` batches, so every rank runs the same number of steps whatever its shards hold.
+Evaluation: rank r reads the global sample range DALI's reader would give it (contiguous, balanced
+to one sample), cut into contiguous parts for the workers; nothing is padded.
+
+Workers decode with libjpeg-turbo (``torchvision.io.decode_image``), resize uint8 with the
+antialiased bilinear filter (a triangle filter over the source footprint, as DALI's linear+antialias
+and PIL's BILINEAR), flip uint8, and batch. Float conversion happens in the workers when the output
+is on the CPU and on the GPU otherwise (uint8 is a quarter of the host-to-device traffic).
+
+Resume: the k-th batch of an epoch always comes from logical worker k mod n as its (k div n)-th
+batch; a resumed epoch renumbers the workers so the DataLoader's round-robin continues at k, and
+each worker drops the raw samples of its batches already consumed before decoding anything.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from webdataset.tariterators import tarfile_samples
+
+from fdtrain.data import DataError
+from fdtrain.data.loader import IMAGE_EXTS, Loader, ShardSet, mix_seed, normalize_uint8, parse_label
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample work (in the workers)
+# --------------------------------------------------------------------------------------------
+def decode_sample(sample: dict[str, Any], size: int, flip: bool) -> tuple[torch.Tensor, float]:
+    """(uint8 (3,S,S), label) of one raw WebDataset sample; DataError naming shard and key."""
+    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    if data is None or "cls" not in sample:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise DataError(f"shard {url}, key {key}: needs an image (jpg/jpeg/png) and cls, has {have}")
+    label = parse_label(sample["cls"], key, url)
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 warns on every decode that its codecs move to TorchCodec; setup.py pins
+            # torchvision <= 0.29.1, where they are the fastest libjpeg-turbo path at hand.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise CorruptImage.of(url, key, f"{len(data)}-byte image does not decode ({str(e).splitlines()[-1]})") from e
+    if img.shape[-2:] != (size, size):
+        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    if flip:
+        img = img.flip(-1)
+    return img, label
+
+
+class CorruptImage(DataError):
+    """An image that does not decode; skipped and counted with data.on_corrupt=skip."""
+
+    # One-string constructor: DataLoader re-raises worker errors as ``type(e)(message)``.
+    def __init__(self, message: str, shard: str = "", key: str = "", reason: str = ""):
+        super().__init__(message)
+        self.shard, self.key, self.reason = shard, key, reason
+
+    @classmethod
+    def of(cls, shard: str, key: str, reason: str) -> CorruptImage:
+        return cls(f"undecodable image in shard {shard}, key {key}: {reason}; "
+                   "set data.on_corrupt=skip to skip and count such samples", shard, key, reason)
+
+
+def tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar, in order; an unreadable tar names itself."""
+    try:
+        yield from tarfile_samples([{"url": url}])
+    except DataError:
+        raise
+    except Exception as e:  # tarfile.ReadError, OSError, ...: webdataset does not say which file
+        raise DataError(f"shard {url}: unreadable tar ({type(e).__name__}: {e})") from e
+
+
+class _Batcher:
+    """Collects decoded samples into batches; counts (or raises on) undecodable ones."""
+
+    def __init__(self, batch: int, normalize: bool, on_corrupt: str):
+        self.batch, self.normalize, self.on_corrupt = batch, normalize, on_corrupt
+        self.items: list[tuple[torch.Tensor, float, str]] = []
+        self.skipped: list[tuple[str, str, str]] = []
+
+    def add(self, sample: dict[str, Any], size: int, flip: bool) -> dict[str, Any] | None:
+        try:
+            img, label = decode_sample(sample, size, flip)
+        except CorruptImage as e:
+            if self.on_corrupt != "skip":
+                raise
+            self.skipped.append((e.shard, e.key, e.reason))
+            return None
+        self.items.append((img, label, sample["__key__"]))
+        return self.flush() if len(self.items) == self.batch else None
+
+    def flush(self) -> dict[str, Any] | None:
+        if not self.items:
+            return None
+        x = torch.stack([it[0] for it in self.items])
+        out = {"x": normalize_uint8(x) if self.normalize else x,
+               "label": torch.tensor([it[1] for it in self.items], dtype=torch.float32),
+               "key": [it[2] for it in self.items], "skipped": self.skipped}
+        self.items, self.skipped = [], []
+        return out
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Streams
+# --------------------------------------------------------------------------------------------
+class TrainStream(IterableDataset):
+    """One rank's training batches: node split, worker split, seeded shuffle buffer, endless."""
+
+    def __init__(self, urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batch: int, buffer: int,
+                 skip: int, flip_p: float, size: int, normalize: bool, on_corrupt: str):
+        super().__init__()
+        self.urls, self.rank, self.world, self.epoch, self.seed = urls, rank, world, epoch, seed
+        self.batch, self.buffer, self.skip, self.flip_p, self.size = batch, buffer, skip, flip_p, size
+        self.normalize, self.on_corrupt = normalize, on_corrupt
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, nw = _worker()
+        logical = (wid + self.skip) % nw  # so that the round-robin resumes at batch `skip`
+        done = len(range(logical, self.skip, nw))  # batches of this logical worker before `skip`
+        order = list(self.urls)
+        random.Random(mix_seed(self.seed, self.epoch, 0x5A4D)).shuffle(order)  # same permutation on every rank
+        mine = order[self.rank::self.world][logical::nw]
+        if not mine:
+            raise DataError(f"rank {self.rank} worker {logical}: no shard to read ({len(self.urls)} shards)")
+        ids = (self.seed, self.epoch, self.rank, logical)
+        order_rng, shuffle_rng = random.Random(mix_seed(*ids, 1)), random.Random(mix_seed(*ids, 2))
+        flip_rng = random.Random(mix_seed(*ids, 3))
+        samples = wds.shuffle(self.buffer, initial=self.buffer, rng=shuffle_rng)(self._endless(mine, order_rng))
+        batcher = _Batcher(self.batch, self.normalize, self.on_corrupt)
+        for i, sample in enumerate(samples):
+            flip = flip_rng.random() < self.flip_p  # drawn for skipped samples too: resume stays exact
+            if i < done * self.batch:
+                continue
+            out = batcher.add(sample, self.size, flip)
+            if out is not None:
+                yield out
+
+    @staticmethod
+    def _endless(urls: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+        while True:
+            order = list(urls)
+            rng.shuffle(order)
+            for url in order:
+                yield from tar_samples(url)
+
+
+class EvalStream(IterableDataset):
+    """One rank's evaluation samples, in order: worker w reads the w-th contiguous part of the range."""
+
+    def __init__(self, shards: ShardSet, parts: list[tuple[int, int]], *, batch: int, size: int, normalize: bool,
+                 on_corrupt: str):
+        super().__init__()
+        self.shards, self.parts, self.batch, self.size = shards, parts, batch, size
+        self.normalize, self.on_corrupt = normalize, on_corrupt
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, nw = _worker()
+        batcher = _Batcher(self.batch, self.normalize, self.on_corrupt)
+        for part in self.parts[wid::nw]:
+            for i, first, end in self.shards.pieces(*part):
+                url, n = str(self.shards.tars[i]), 0
+                for n, sample in enumerate(tar_samples(url), 1):
+                    if n > first:
+                        out = batcher.add(sample, self.size, False)
+                        if out is not None:
+                            yield out
+                    if n == end:
+                        break
+                if n < end:
+                    raise DataError(f"shard {url}: holds {n} samples, manifest.json says {self.shards.counts[i]}")
+        out = batcher.flush()
+        if out is not None:
+            yield out
+
+
+# --------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------
+class TorchLoader(Loader):
+    """DataLoader over TrainStream / EvalStream; batches assembled in the workers."""
+
+    backend = "torch"
+
+    def __init__(self, cfg: Any, shards: ShardSet, **kw: Any):
+        super().__init__(cfg, shards, **kw)
+        self.num_workers = cfg.data.num_workers
+        self.pin = bool(cfg.data.pin_memory and self.device.type == "cuda")
+        self.normalize_in_worker = self.device.type != "cuda"
+
+    def describe(self) -> str:
+        return f"{self.num_workers} workers, prefetch {self.cfg.data.prefetch}, pinned={self.pin}"
+
+    def _eval_parts(self) -> list[tuple[int, int]]:
+        lo, hi = self.shards.rank_range(self.rank, self.world_size)
+        n = max(1, min(self.cfg.data.num_workers, hi - lo))
+        return [(lo + (hi - lo) * w // n, lo + (hi - lo) * (w + 1) // n) for w in range(n)]
+
+    def _eval_steps(self) -> int:
+        return sum(-(-(b - a) // self.batch_size) for a, b in self._eval_parts())
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        d = self.cfg.data
+        if self.train:
+            ds: IterableDataset = TrainStream(
+                [str(t) for t in self.shards.tars], rank=self.rank, world=self.world_size, epoch=epoch,
+                seed=self.seed, batch=self.batch_size, buffer=d.shuffle_buffer, skip=skip, flip_p=d.flip_p,
+                size=self.size, normalize=self.normalize_in_worker, on_corrupt=d.on_corrupt)
+            workers = d.num_workers
+        else:
+            parts = self._eval_parts()
+            ds = EvalStream(self.shards, parts, batch=self.batch_size, size=self.size,
+                            normalize=self.normalize_in_worker, on_corrupt=d.on_corrupt)
+            workers = len(parts) if d.num_workers else 0
+        dl = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.pin,
+                        prefetch_factor=d.prefetch if workers else None)
+        it = iter(dl)
+        try:
+            for batch in it:
+                for shard, key, reason in batch.pop("skipped"):
+                    self._record_skip(key, shard, reason)
+                yield batch
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)  # endless training streams: stop the workers now
+            if shutdown is not None:
+                shutdown()
