@@ -286,6 +286,7 @@ class Trainer:
         evaluate = (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0) or (
             not cfg.eval.every_steps and epoch_done) or last
         improved = False
+        t_pause = time.perf_counter()  # evaluation and checkpoint time stay out of images/s
         if evaluate and self._selection_set() is not None:
             improved = self._validate()
         save = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
@@ -298,6 +299,7 @@ class Trainer:
             if improved and cfg.checkpoint.keep_best:
                 self.ckpt.mark_best(path, {**self.best, **self._selection_label()})
             self.ckpt.prune()
+        self._win["t0"] += time.perf_counter() - t_pause
         if stop:
             self._say(f"preempted: checkpoint at step {self.step} written; exiting with {EXIT_PREEMPTED} "
                       "(continue with --resume auto)")
