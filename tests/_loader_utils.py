@@ -34,8 +34,8 @@ def write_split(root: str | Path, n: int, n_shards: int, *, size: int = 80, spli
                 corrupt: dict[int, str] | None = None, index: bool = True, image_ext: str = "jpg") -> Path:
     """A split folder with n samples in n_shards tars; ``corrupt`` maps sample numbers to
     "truncated" (first half of the JPEG) or "garbage" (not an image). Labels alternate 0, 1."""
-    import webdataset as wds
     import wds2idx
+    import webdataset as wds
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

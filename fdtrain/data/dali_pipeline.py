@@ -127,11 +127,12 @@ class DaliLoader(Loader):
         step = 0  # batches this epoch's reader has produced (handed out or fast-forwarded)
         while True:
             pipe = self._pipeline(epoch)
-            it = DALIGenericIterator([pipe], ["x", "cls", "info"], reader_name=READER, auto_reset=False,
-                                     last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
             if skip:
                 log.info("data[%s]: DALI replays %d batch(es) to reach the saved position", self.shards.split, skip)
             try:
+                it = DALIGenericIterator([pipe], ["x", "cls", "info"], reader_name=READER, auto_reset=False,
+                                         prepare_first_batch=False, last_batch_policy=LastBatchPolicy.DROP
+                                         if self.train else LastBatchPolicy.PARTIAL)
                 for out in self._stream(it):
                     step += 1
                     if step > skip:
@@ -140,7 +141,7 @@ class DaliLoader(Loader):
             except RuntimeError as e:  # any DALI error leaves the pipeline unusable
                 failed = e
             finally:
-                del it, pipe
+                it = pipe = None  # release the pipeline (and its threads/GPU buffers) now
             bad = self._locate_bad(epoch, step, failed)
             if not bad or all(key in self.skipped for _, key, _ in bad):
                 raise DataError(f"data[{self.shards.split}] rank {self.rank}: DALI failed in epoch {epoch} near step "
@@ -176,7 +177,6 @@ class DaliLoader(Loader):
     def _locate_bad(self, epoch: int, step: int, err: BaseException | None) -> list[tuple[str, str, str]]:
         """(shard, key, reason) of undecodable images among the batches that were in flight."""
         text = str(err)
-        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         candidates: dict[tuple[str, int], str] = {}
         m = _FAILED_SAMPLE.search(text)
         if m:
@@ -199,7 +199,7 @@ class DaliLoader(Loader):
         for (tar, offset), name in sorted(candidates.items()):
             reason = checker.check(tar, offset)
             if reason is not None:
-                bad.append((tar, sample_key(name), f"{reason} [DALI: {first[:200]}]"))
+                bad.append((tar, sample_key(name), reason))
         return bad
 
     def _filtered_indexes(self, shard_id: int) -> tuple[list[str], list[str]]:
@@ -249,9 +249,16 @@ class _DecodeChecker:
             return None
         except RuntimeError as e:
             self.pipe = None  # invalid after an error
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            detail = next((ln for ln in lines if "decode" in ln.lower() or "failure" in ln.lower()), lines[-1:])
-            return f"{len(data)}-byte image does not decode ({detail})"
+            return f"{len(data)}-byte image does not decode (DALI {self.decoder} decoder: {dali_reason(e)})"
+
+
+def dali_reason(err: BaseException) -> str:
+    """The line after "encountered:" in a DALI operator error, without the source info it may repeat."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines[:-1]):
+        if ln == "encountered:":
+            return re.sub(r"\s*:(\s*\S+:\d+:\S+)?$", "", lines[i + 1])  # drop " : <tar>:<offset>:<name>"
+    return lines[-1] if lines else type(err).__name__
 
 
 def _member_bytes(tar: str, offset: int) -> bytes:

@@ -19,6 +19,7 @@ each worker drops the raw samples of its batches already consumed before decodin
 from __future__ import annotations
 
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -53,7 +54,8 @@ def decode_sample(sample: dict[str, Any], size: int, flip: bool) -> tuple[torch.
             warnings.simplefilter("ignore", DeprecationWarning)
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        raise CorruptImage.of(url, key, f"{len(data)}-byte image does not decode ({str(e).splitlines()[-1]})") from e
+        why = re.sub(r"^.*\.cpp:\d+, ", "", str(e).splitlines()[-1])  # drop torchvision's C++ source location
+        raise CorruptImage.of(url, key, f"{len(data)}-byte image does not decode ({why})") from e
     if img.shape[-2:] != (size, size):
         img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     if flip:
@@ -235,7 +237,13 @@ class TorchLoader(Loader):
                         prefetch_factor=d.prefetch if workers else None)
         it = iter(dl)
         try:
-            for batch in it:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                except DataError as e:
+                    raise _unwrap(e) from None
                 for shard, key, reason in batch.pop("skipped"):
                     self._record_skip(key, shard, reason)
                 yield batch
@@ -243,3 +251,12 @@ class TorchLoader(Loader):
             shutdown = getattr(it, "_shutdown_workers", None)  # endless training streams: stop the workers now
             if shutdown is not None:
                 shutdown()
+
+
+def _unwrap(e: DataError) -> DataError:
+    """A worker's error without DataLoader's "Caught ... Original Traceback" wrapper (our messages are one line)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = text.strip().splitlines()[-1]  # "fdtrain.data.torch_loader.CorruptImage: undecodable image in ..."
+    return type(e)(last.split(": ", 1)[1] if ": " in last else last)
