@@ -134,7 +134,10 @@ class Trainer:
         self.load_state_dict(state["trainer"])
         if state["loader"] is not None:
             self.loader.load_state_dict(state["loader"])
-            self._micro_start = int(state["loader"].get("step_in_epoch", 0))
+            pos = self.loader.state_dict()  # the loader may roll a finished epoch over
+            self._micro_start = int(pos["step_in_epoch"])
+            if int(pos["epoch"]) != self.epoch:
+                raise RuntimeError(f"{path}: trainer at epoch {self.epoch} but loader at epoch {pos['epoch']}")
         else:
             self.loader.set_epoch(self.epoch)
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
@@ -381,6 +384,7 @@ class Trainer:
     def _final_evaluation(self) -> int:
         """Every test set of the recipe, with the best weights, to metrics.json and TensorBoard."""
         cfg = self.cfg
+        ranks = self._rank_agreement()  # before the best weights replace the final ones
         best = best_checkpoint(self.run_dir / "checkpoints") if cfg.checkpoint.keep_best else None
         evaluated = f"step-{self.step:08d} (final weights)"
         if best is not None and self.best is not None and self.best["step"] != self.step:
@@ -389,7 +393,8 @@ class Trainer:
         elif best is not None:
             evaluated = f"{best.name} (best, = final weights)"
         report: dict[str, Any] = {"run": cfg.run.name, "final_step": self.step, "epochs": self.epoch,
-                                  "evaluated": evaluated, "nonfinite_skipped": self.nonfinite, "test": {}}
+                                  "evaluated": evaluated, "nonfinite_skipped": self.nonfinite, "ranks": ranks,
+                                  "test": {}}
         if self._selection_set() is not None and self.best is not None:
             report["selection"] = {**self._selection_label(), "best_value": self.best["value"],
                                    "best_step": self.best["step"]}
@@ -406,6 +411,20 @@ class Trainer:
             self.tb.hparams(flat)
         self.acc.wait_for_everyone()
         return EXIT_OK
+
+    def _rank_agreement(self) -> list[dict[str, Any]]:
+        """Every rank's step count and a checksum of its final weights (they must all agree: a
+        desynchronised rank shows here), gathered to every rank; a warning when they differ."""
+        from accelerate.utils import gather_object
+
+        with torch.no_grad():
+            params = [p.detach().double() for p in self.acc.unwrap_model(self.model).parameters()]
+            checksum = float(sum((p * (1 + (i % 7))).sum() for i, p in enumerate(params)))  # order-sensitive
+        mine = {"rank": self.acc.process_index, "step": self.step, "epoch": self.epoch, "param_checksum": checksum}
+        ranks = gather_object([mine]) if self.acc.num_processes > 1 else [mine]
+        if len({(r["step"], r["param_checksum"]) for r in ranks}) > 1:
+            log.warning("ranks disagree on steps or weights at the end of training: %s", ranks)
+        return ranks
 
     def _load_weights(self, ckpt: Path) -> None:
         """Best weights into the live model, for the final evaluation."""

@@ -1,0 +1,180 @@
+"""Shared helpers of the engine tests: learnable shards, configs, launching real processes.
+
+The shards are written with the real shard writer (fdtrain.data.shards.write_split: tar + DALI
+index + manifest). Real crops are smooth colour fields with grain; fakes are the same with a faint
+checkerboard blended into the centre (a high-frequency trace, like an upsampling artefact), so a
+64-px FakeDiffer separates them within a few dozen steps on a CPU.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+FRAMES_PER_VIDEO = 4
+
+
+def _crop(rng: np.random.Generator, size: int, fake: bool) -> bytes:
+    small = rng.integers(30, 226, (5, 5, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    img += rng.normal(0, 4, img.shape)
+    if fake:
+        yy, xx = np.mgrid[0:size, 0:size]
+        checker = np.where(((yy // 2) + (xx // 2)) % 2 == 0, 1.0, -1.0)[..., None]
+        a, b = size // 4, 3 * size // 4
+        img[a:b, a:b] += 22.0 * checker[a:b, a:b]
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=95, subsampling=0)
+    return buf.getvalue()
+
+
+def write_easy_split(out: str | Path, n_videos: int, n_shards: int, *, split: str, seed: int, size: int = 64) -> Path:
+    """``n_videos`` videos (half real, half fake) x 4 frames, shuffled across ``n_shards`` shards."""
+    from fdtrain.data.shards import Sample, write_split
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for v in range(n_videos):
+        fake = v % 2 == 1
+        method = "Checker" if fake else "youtube"
+        video = f"easy/{split}/{method}/{v:03d}"
+        for f in range(FRAMES_PER_VIDEO):
+            key = f"{video}/{f:04d}"
+            meta = {"key": key, "dataset": "easy", "split": split, "method": method, "compression": "raw",
+                    "video": video, "frame": f, "label": int(fake), "source": f"{video}/{f}.png"}
+            samples.append(Sample(key=key, image=_crop(rng, size, fake), ext="jpg", label=int(fake), meta=meta))
+    order = rng.permutation(len(samples))
+    samples = [samples[i] for i in order]
+    n = len(samples)
+    counts = [n // n_shards + (i < n % n_shards) for i in range(n_shards)]
+    write_split(samples, Path(out), counts, {"command": "tests/_engine_utils.py write_easy_split", "skipped": []})
+    return Path(out)
+
+
+def write_easy_dataset(root: str | Path, *, train_videos: int = 16, eval_videos: int = 8, shards: int = 4) -> Path:
+    """``root/{train,val,test}``: 64 / 32 / 32 frames by default."""
+    root = Path(root)
+    write_easy_split(root / "train", train_videos, shards, split="train", seed=1)
+    write_easy_split(root / "val", eval_videos, shards, split="val", seed=2)
+    write_easy_split(root / "test", eval_videos, shards, split="test", seed=3)
+    return root
+
+
+def overrides(data: Path, out_dir: Path, name: str, **extra) -> list[str]:
+    """Command-line overrides of a tiny CPU run (64 px, batch 4, fp32, DALI CPU, 1 thread)."""
+    base = {
+        "run.name": name, "run.out_dir": str(out_dir), "run.device": "cpu",
+        "model.input_size": 64, "data.batch_size": 4, "data.eval_batch_size": 8,
+        "data.train": str(data / "train"), "data.val": str(data / "val"),
+        "data.backend": "dali", "data.num_threads": 1, "data.num_workers": 1, "data.prefetch": 1,
+        "data.shuffle_buffer": 16,
+        "train.mixed_precision": "no", "train.epochs": 1,
+        "optim.lr": 5e-4, "optim.warmup_steps": 4, "optim.schedule": "constant",
+        "logging.every_steps": 4, "logging.image_every": 8, "logging.progress": "plain",
+        "checkpoint.keep_last": 2,
+    }
+    base.update(extra)
+    out = [f"--{k}={v}" for k, v in base.items() if k != "data.test"]
+    test = extra.get("data.test", {"test": str(data / "test")})
+    out.append("--data.test={" + ", ".join(f"{k}: {v}" for k, v in test.items()) + "}")
+    return out
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+              "PYTHONPATH": str(REPO) + os.pathsep + e.get("PYTHONPATH", "")})
+    for k in ("ACCELERATE_USE_DEEPSPEED", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    e.update(extra)
+    return e
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fdtrain_cmd(*args: str) -> list[str]:
+    return [PY, "-m", "fdtrain", *args]
+
+
+def accelerate_cmd(config: str, *args: str, num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` with one of launch/accelerate/*.yaml, 2 processes, a free port."""
+    return [PY, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
+            "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(free_port()),
+            "-m", "fdtrain", *args]
+
+
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "fdtrain", *args]
+
+
+def run(cmd: list[str], timeout: float = 600, **env_extra: str) -> subprocess.CompletedProcess:
+    """Run to completion; the output is kept for the assertion message."""
+    return subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.005) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return predicate()
+        time.sleep(poll)
+    return False
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal a launched process and its children (only what this test started)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        for child in parent.children(recursive=True):
+            child.send_signal(sig)
+        parent.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def load_state_dict(ckpt: Path) -> dict:
+    import torch
+
+    return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state between in-process runs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
