@@ -1,0 +1,149 @@
+"""``fdtrain bench model``: forward+backward images/s of FakeDiffer beside plain Xception.
+
+Runs timm legacy_xception (the baseline), FakeDiffer ``forward: fused`` and ``forward: two_pass``
+at the same batch and input size in one process, one training step each in turn (round robin),
+so a machine shared with other work slows all of them alike and the ratios stay meaningful.
+Reports the median step time per model, images/s, and time ratios to the baseline; prints a
+table and one JSON line, and writes the JSON to ``--json PATH`` when asked.
+
+No torch import at module level: ``fdtrain --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+VARIANTS = ("xception", "fused", "two_pass")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4: ~1-2 min on 2 CPU cores)")
+    p.add_argument("--size", type=int, default=299, help="input side in pixels (299 FF++, 224 WildDeepfake)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype (bf16 on a CPU without AMX is ~10x slower than fp32)")
+    p.add_argument("--models", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (xception is the baseline)")
+    p.add_argument("--channels-last", action="store_true", help="run models and inputs in channels_last")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", default="", help="also write the JSON result to PATH")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(name: str, size: int):
+    from fdtrain.models import create_model
+
+    if name == "xception":
+        return create_model(variant="xception", input_size=size)
+    return create_model(variant="fakediffer", forward=name, input_size=size)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from fdtrain.losses import FakeDifferLoss
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    bad = [n for n in names if n not in VARIANTS]
+    if bad or not names:
+        print(f"fdtrain bench model: --models takes a subset of {list(VARIANTS)}, got {args.models!r}", file=sys.stderr)
+        return 2
+    if min(args.batch_size, args.size, args.steps) < 1 or args.warmup < 0:
+        print("fdtrain bench model: --batch-size, --size and --steps must be >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.batch_size < 2:
+        print("fdtrain bench model: --batch-size must be >= 2 (the fusion MLP's BatchNorm trains on the batch)",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    torch.manual_seed(args.seed)
+    b, s = args.batch_size, args.size
+    x = (torch.rand(b, 3, s, s, device=device) * 2 - 1).contiguous(memory_format=fmt)
+    x_noisy = (x + 1e-3 * torch.randn_like(x)).clamp(-1, 1).contiguous(memory_format=fmt)
+    labels = (torch.arange(b, device=device) % 2).float()  # half real, half fake
+    loss_fn = FakeDifferLoss()
+    models = {n: _build(n, s).to(device=device, memory_format=fmt).train() for n in names}
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+
+    def step(name: str) -> float:
+        model = models[name]
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x, x_noisy, labels)
+            loss = loss_fn(out, x, labels)["total"]
+        loss.backward()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    total = (args.warmup + args.steps) * len(names)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="bench model", unit="step", file=sys.stderr, leave=False)
+    except ImportError:  # tqdm is a core dependency; keep the bench usable without it anyway
+        bar = None
+    for i in range(args.warmup + args.steps):
+        for n in names:  # round robin: background load hits every model alike
+            dt = step(n)
+            if i >= args.warmup:
+                times[n].append(dt)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    base = "xception" if "xception" in names else None
+    med = {n: statistics.median(t) for n, t in times.items()}
+    results = {n: {"step_s": med[n], "images_per_s": b / med[n], "params": params[n],
+                   "step_s_all": [round(t, 5) for t in times[n]]} for n in names}
+    ratios = {}
+    if base:
+        for n in names:
+            if n != base:
+                ratios[f"{n}_vs_xception"] = med[n] / med[base]
+    if "fused" in names and "two_pass" in names:
+        ratios["two_pass_vs_fused"] = med["two_pass"] / med["fused"]
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)")
+    result = {
+        "bench": "model", "device": device_name, "precision": args.precision, "batch_size": b, "size": s,
+        "steps": args.steps, "warmup": args.warmup, "channels_last": bool(args.channels_last),
+        "torch": torch.__version__, "results": results, "time_ratios": ratios,
+    }
+
+    print(f"fdtrain bench model: forward+backward, batch {b}, {s}x{s}, {args.precision}, {device_name}, "
+          f"median of {args.steps} steps")
+    print(f"{'model':<12} {'params':>8} {'step ms':>10} {'images/s':>10} {'time vs xception':>17}")
+    for n in names:
+        r = results[n]
+        ratio = f"{med[n] / med[base]:.2f}x" if base else "-"
+        print(f"{n:<12} {r['params'] / 1e6:>7.2f}M {r['step_s'] * 1e3:>10.1f} {r['images_per_s']:>10.2f} {ratio:>17}")
+    if "two_pass_vs_fused" in ratios:
+        print(f"two_pass / fused: {ratios['two_pass_vs_fused']:.2f}x")
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(line + "\n")
+    return 0

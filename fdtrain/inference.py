@@ -1,0 +1,66 @@
+"""Load a trained model from a checkpoint with plain torch (no Accelerate, no DeepSpeed).
+
+A checkpoint folder holds ``model.pt`` = {"config": Config.to_dict(), "state_dict": ..., "step",
+"epoch", "metrics"}; ``load_model`` rebuilds the model from the stored config and loads the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+from fdtrain.config import Config, from_dict
+from fdtrain.models import create_model_from_config
+
+# Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _model_file(path: Union[str, os.PathLike]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p} (expected a checkpoint folder with model.pt, or the file)")
+    return p
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in _PREFIXES:
+                if k.startswith(pre):
+                    k, changed = k[len(pre):], True
+        out[k] = v
+    return out
+
+
+def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
+               eval_mode: bool = True) -> tuple[nn.Module, Config]:
+    """(model, cfg) from a checkpoint folder or its model.pt; the model is in eval mode by default.
+
+    ImageNet weights are never looked up: everything comes from the checkpoint.
+    """
+    file = _model_file(path)
+    ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    for key in ("config", "state_dict"):
+        if key not in ckpt:
+            raise KeyError(f"{file}: checkpoint has no '{key}' entry (has {sorted(ckpt)})")
+    cfg = from_dict(ckpt["config"])
+    model = create_model_from_config(dataclasses.replace(cfg.model, pretrained=False))
+    missing, unexpected = model.load_state_dict(_strip_prefixes(ckpt["state_dict"]), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{file}: weights do not fit the model its config describes "
+                           f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    model.to(map_location)
+    if eval_mode:
+        model.eval()
+    return model, cfg

@@ -1,0 +1,299 @@
+"""FakeDiffer: distributional disparity learning on differentiated reconstruction.
+
+Wang et al., "FakeDiffer: Distributional Disparity Learning on Differentiated Reconstruction for
+Face Forgery Detection", AAAI 2025 (../shared/paper/FakeDiffer-AAAI2025.md, "Proposed Method").
+Where the paper is silent or disagrees with the authors' released code, design/model.md names the
+switch and its default; this file follows it. Read top to bottom, it follows the equations:
+
+  eq. 1     M   = F_e(X~)                   Xception entry flow on the noisy view, then dropout
+  eqs. 2-3  X^r = F_r(M), X^f = F_f(M)      two decoders, same layout, separate weights
+  eqs. 4-5  E_r = f(|X^r - X|), E_f = ...   error maps of the clean X through the entry flow
+  eqs. 6-8  T   = interaction(M, E_r, E_f)  pooled MLP -> per-channel softmax over the sources
+  head      logit = fc(GAP(Xception blocks 9-12 + exit convs (T)))
+
+Shapes in comments are for a 299x299 input (224 gives 14x14 maps instead of 19x19).
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.xception import Block, SeparableConv2d
+from torch import Tensor
+
+from .backbone import build_parts, create_backbone
+
+SOURCES = ("inva", "real", "fake")  # M (image-invariant), E_r, E_f: canonical order of fusion weights
+# Layers FakeDiffer adds (decoders, fusion MLP) keep PyTorch's default init, as in the released
+# PyTorch original; timm's kaiming fan_out init would saturate the decoders' tanh at the start.
+
+
+@dataclass
+class FakeDifferOutput:
+    """What a training forward returns; the loss and the logger read it."""
+
+    logit: Tensor  # (B,) one logit per image; score = sigmoid(logit)
+    recon_real: Optional[Tensor] = None  # (B,3,H,W) F_r(M) in [-1, 1]; the loss reads the real rows
+    recon_fake: Optional[Tensor] = None  # (B,3,H,W) F_f(M) in [-1, 1]; the loss reads the fake rows
+    err_real: Optional[Tensor] = None  # (B,C,h,w) E_r, when "real" is a fused source
+    err_fake: Optional[Tensor] = None  # (B,C,h,w) E_f, when "fake" is a fused source
+    fusion_weights: Optional[Tensor] = None  # (B,S,C) softmax weights, sources in model.sources order
+
+
+# ----------------------------------------------------------------------------------------------
+# Eqs. 2-3: real and fake decoders F_r, F_f
+# ----------------------------------------------------------------------------------------------
+class UpSepConv(nn.Sequential):
+    """Decoder step d1/d3/d5: nearest x2 -> SepConv (depthwise 3x3 + pointwise, no bias) -> BN -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(OrderedDict(
+            up=nn.Upsample(scale_factor=2, mode="nearest"),
+            conv=SeparableConv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1),
+            bn=nn.BatchNorm2d(out_channels),
+            act=nn.ReLU(inplace=True),
+        ))
+
+
+class Decoder(nn.Module):
+    """M -> image, mirroring the entry flow's widths (design/model.md decoder table).
+
+    ``channels`` are the encoder's widths below M, deepest first ([256, 128, 64] for Xception):
+    each gets an upsampling SepConv step, and all but the last an Xception block (3 reps,
+    stride 1, identity skip). A 1x1 conv + tanh gives RGB, resized to the input size.
+    """
+
+    def __init__(self, in_channels: int, channels: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, c in enumerate(channels):
+            layers.append(UpSepConv(c_in, c))  # d1, d3, d5
+            if i < len(channels) - 1:
+                layers.append(Block(c, c, reps=3, strides=1))  # d2, d4
+            c_in = c
+        self.body = nn.Sequential(*layers)
+        self.to_rgb = nn.Sequential(nn.Conv2d(c_in, 3, 1, bias=False), nn.Tanh())  # d6
+
+    def forward(self, m: Tensor, size: tuple[int, int]) -> Tensor:
+        y = self.to_rgb(self.body(m))  # (B,3,152,152) from M (B,728,19,19)
+        # bilinear with align_corners=True, as the released code: a convex mix, so it stays in [-1, 1]
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=True)  # (B,3,299,299)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eqs. 6-8: information interaction
+# ----------------------------------------------------------------------------------------------
+class Interaction(nn.Module):
+    """Fuse S same-shaped feature maps with channel weights computed from their pooled sum.
+
+    ``mode``: select (released code): T = sum_s w_s * X_s; residual (paper eq. 7): T = sum_s
+    (X_s + w_s * X_s); add (Table 5 "Add"): T = sum_s X_s, no MLP and no weights.
+    """
+
+    def __init__(self, channels: int, num_sources: int, reduction: int, mode: str):
+        super().__init__()
+        self.mode, self.num_sources, self.channels = mode, num_sources, channels
+        self.mlp = None
+        if mode != "add":
+            hidden = max(1, channels // reduction)  # 728 // 8 = 91
+            self.mlp = nn.Sequential(OrderedDict(
+                fc1=nn.Conv2d(channels, hidden, 1, bias=False),
+                bn=nn.BatchNorm2d(hidden),
+                act=nn.ReLU(inplace=True),
+                fc2=nn.Conv2d(hidden, num_sources * channels, 1, bias=False),
+            ))
+
+    def forward(self, feats: list[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        k = feats[0]
+        for x in feats[1:]:
+            k = k + x  # (B,C,h,w) K = M + E_r + E_f
+        if self.mlp is None:
+            return k, None
+        g = k.mean(dim=(2, 3), keepdim=True)  # (B,C,1,1) eq. 6, G
+        w = self.mlp(g).view(k.shape[0], self.num_sources, self.channels)  # (B,S,C)
+        w = w.softmax(dim=1)  # (B,S,C) eq. 7: softmax over the sources, per channel
+        t = None
+        for s, x in enumerate(feats):
+            wx = w[:, s, :, None, None] * x  # (B,C,h,w)
+            if self.mode == "residual":
+                wx = x + wx  # eq. 7: X^ = X + softmax(..) * X
+            t = wx if t is None else t + wx  # (B,C,h,w) eq. 8, T
+        return t, w
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+class FakeDiffer(nn.Module):
+    """FakeDiffer and its dual_recons ablation on timm legacy_xception.
+
+    ``model(x, x_noisy, labels)`` (training) -> FakeDifferOutput; ``model(x)`` -> logits (B,).
+    x and x_noisy are NCHW in [-1, 1]; x_noisy feeds the encoder, x the targets and error maps.
+    """
+
+    def __init__(
+        self,
+        *,
+        variant: str = "fakediffer",
+        backbone: str = "legacy_xception",
+        pretrained: bool = False,
+        pretrained_path: str = "",
+        input_size: int = 299,
+        dropout: float = 0.2,
+        encoder_dropout: float = 0.2,
+        forward: str = "fused",
+        error_encoder: str = "shared",
+        fusion: str = "select",
+        sources: tuple[str, ...] | list[str] = SOURCES,
+        fusion_reduction: int = 8,
+    ):
+        super().__init__()
+        if variant not in ("fakediffer", "dual_recons"):
+            raise ValueError(f"model.variant: FakeDiffer builds 'fakediffer' or 'dual_recons', got '{variant}'")
+        self.variant, self.forward_mode, self.input_size = variant, forward, input_size
+        # Canonical order, so fusion_weights[:, i] means the same source in every run.
+        self.sources = tuple(s for s in SOURCES if s in sources)
+        parts = build_parts(backbone, pretrained, pretrained_path)
+        self.dropped_blocks = parts.dropped  # for the record: these weights were never kept
+
+        # eq. 1: unified encoder F_e (entry flow) and the dropout on M
+        self.encoder = parts.entry
+        self.encoder_dropout = nn.Dropout(encoder_dropout)
+
+        # eqs. 2-3: dual_recons shares one decoder between the real and the fake path
+        names = ("shared",) if variant == "dual_recons" else ("real", "fake")
+        self.decoders = nn.ModuleDict({n: Decoder(parts.m_channels, parts.decoder_channels) for n in names})
+
+        # eqs. 4-5: f is the encoder itself (released code) or a second entry flow; built only
+        # when an error map is fused, so no parameter sits unused under DDP.
+        uses_errors = "real" in self.sources or "fake" in self.sources
+        self.error_encoder = copy.deepcopy(parts.entry) if error_encoder == "separate" and uses_errors else None
+
+        # eqs. 6-8: interaction over the chosen sources
+        self.interaction = Interaction(parts.m_channels, len(self.sources), fusion_reduction, fusion)
+
+        # head: Xception blocks 9-12 + exit convs, GAP, dropout, one logit
+        self.head = parts.head
+        self.head_dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(parts.out_channels, 1)
+
+    # -- eq. 1 ---------------------------------------------------------------------------------
+    def encode(self, x_noisy: Tensor) -> Tensor:
+        return self.encoder_dropout(self.encoder(x_noisy))  # (B,728,19,19) M
+
+    # -- eqs. 2-3 ------------------------------------------------------------------------------
+    def reconstruct(self, which: str, m: Tensor, size: tuple[int, int]) -> Tensor:
+        decoder = self.decoders["shared"] if self.variant == "dual_recons" else self.decoders[which]
+        return decoder(m, size)  # (B,3,299,299)
+
+    # -- eqs. 4-5 ------------------------------------------------------------------------------
+    def error_maps(self, x: Tensor, recons: list[Tensor]) -> list[Tensor]:
+        f = self.error_encoder if self.error_encoder is not None else self.encoder
+        residuals = [(r - x).abs() for r in recons]  # (B,3,299,299) each, against the clean X
+        if len(residuals) > 1 and not self.training:
+            # One batched pass: identical in eval mode (BN uses running stats), fewer kernel launches.
+            # Training keeps separate passes so BN batch statistics match the released code.
+            return list(f(torch.cat(residuals)).chunk(len(residuals)))  # (B,728,19,19) each
+        return [f(r) for r in residuals]  # (B,728,19,19) each, E_r / E_f
+
+    def _errors_for(self, x: Tensor, recon: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Error maps of the fused sources only ("real" -> E_r, "fake" -> E_f)."""
+        wanted = [s for s in ("real", "fake") if s in self.sources]
+        if self.variant == "dual_recons" and wanted:
+            (e,) = self.error_maps(x, [recon[wanted[0]]])  # one decoder, one error map for both slots
+            return {s: e for s in wanted}
+        return dict(zip(wanted, self.error_maps(x, [recon[s] for s in wanted])))
+
+    # -- eqs. 6-8 and the head -----------------------------------------------------------------
+    def classify(self, m: Tensor, errs: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        feats = {"inva": m, **errs}
+        t, w = self.interaction([feats[s] for s in self.sources])  # (B,728,19,19), (B,S,728)
+        z = self.head(t)  # (B,2048,10,10)
+        z = self.head_dropout(z.mean(dim=(2, 3)))  # (B,2048)
+        return self.fc(z).squeeze(1), w  # (B,)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+        if labels is None:
+            return self._forward_inference(x)
+        x_noisy = x if x_noisy is None else x_noisy
+        if self.forward_mode == "two_pass":
+            return self._forward_two_pass(x, x_noisy, labels)
+        return self._forward_fused(x, x_noisy)
+
+    def _forward_inference(self, x: Tensor) -> Tensor:
+        """Logits only: decoders and error maps just for the fused sources."""
+        m = self.encode(x)  # (B,728,19,19)
+        size = tuple(x.shape[-2:])
+        wanted = [s for s in ("real", "fake") if s in self.sources]
+        if self.variant == "dual_recons" and wanted:
+            shared = self.reconstruct("real", m, size)
+            recon = {s: shared for s in wanted}
+        else:
+            recon = {s: self.reconstruct(s, m, size) for s in wanted}  # (B,3,299,299) each
+        logit, _ = self.classify(m, self._errors_for(x, recon))
+        return logit  # (B,)
+
+    def _forward_fused(self, x: Tensor, x_noisy: Tensor) -> FakeDifferOutput:
+        """One encoder pass; both decoders on the whole batch; the loss masks rows by label."""
+        m = self.encode(x_noisy)  # (B,728,19,19) eq. 1
+        size = tuple(x.shape[-2:])
+        r_real = self.reconstruct("real", m, size)  # (B,3,299,299) eq. 2, every image
+        r_fake = r_real if self.variant == "dual_recons" else self.reconstruct("fake", m, size)  # eq. 3
+        errs = self._errors_for(x, {"real": r_real, "fake": r_fake})  # eqs. 4-5
+        logit, w = self.classify(m, errs)  # (B,), (B,S,728) eqs. 6-8 + head
+        return FakeDifferOutput(logit, r_real, r_fake, errs.get("real"), errs.get("fake"), w)
+
+    def _forward_two_pass(self, x: Tensor, x_noisy: Tensor, labels: Tensor) -> FakeDifferOutput:
+        """The released code's step: a reconstruction pass with M split by label (each decoder
+        sees only its own class, so its BN statistics too), then a full pass for classification."""
+        m1 = self.encode(x_noisy)  # (B,728,19,19) pass 1, its own dropout mask
+        size = tuple(x.shape[-2:])
+        is_real = labels.reshape(-1) < 0.5  # (B,)
+        if self.variant == "dual_recons":
+            r1 = {"real": self.reconstruct("real", m1, size)}  # one decoder, every image
+            r1["fake"] = r1["real"]
+        else:
+            r1 = {}
+            for which, rows in (("real", is_real), ("fake", ~is_real)):
+                idx = rows.nonzero().squeeze(1)  # (n,)
+                if idx.numel():
+                    r1[which] = (idx, self.reconstruct(which, m1[idx], size))  # (n,3,299,299)
+        out = self._forward_fused(x, x_noisy)  # pass 2: logits from a fresh encoder pass
+        # The loss reads pass 1's rows; the other rows keep pass 2's values, which the loss masks out.
+        if self.variant == "dual_recons":
+            out.recon_real, out.recon_fake = r1["real"], r1["fake"]
+        else:
+            if "real" in r1:
+                out.recon_real = out.recon_real.index_copy(0, *r1["real"])  # (B,3,299,299)
+            if "fake" in r1:
+                out.recon_fake = out.recon_fake.index_copy(0, *r1["fake"])  # (B,3,299,299)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation: plain Xception (the paper's baseline row)
+# ----------------------------------------------------------------------------------------------
+class XceptionClassifier(nn.Module):
+    """``variant: xception``: timm legacy_xception, all 12 blocks, one logit; no decoders.
+
+    Same call contract as FakeDiffer. In training it sees the noisy view X~, as FakeDiffer's
+    encoder does. The decoder, fusion and forward switches do not apply to it.
+    """
+
+    def __init__(self, *, backbone: str = "legacy_xception", pretrained: bool = False, pretrained_path: str = "",
+                 input_size: int = 299, dropout: float = 0.2, **_ignored):
+        super().__init__()
+        self.variant, self.input_size, self.sources = "xception", input_size, ()
+        self.net = create_backbone(backbone, pretrained, pretrained_path, drop_rate=dropout)
+
+    def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+        if labels is None:
+            return self.net(x).squeeze(1)  # (B,)
+        return FakeDifferOutput(logit=self.net(x if x_noisy is None else x_noisy).squeeze(1))
