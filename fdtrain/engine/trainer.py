@@ -288,13 +288,15 @@ class Trainer:
             self._log_window()
         evaluate = (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0) or (
             not cfg.eval.every_steps and epoch_done) or last
+        save_due = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
+            not cfg.checkpoint.every_steps and epoch_done) or last or stop
         improved = False
         t_pause = time.perf_counter()  # evaluation and checkpoint time stay out of images/s
+        if evaluate or save_due:
+            self._sync_buffers()
         if evaluate and self._selection_set() is not None:
             improved = self._validate()
-        save = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
-            not cfg.checkpoint.every_steps and epoch_done) or last or stop or (
-            improved and cfg.checkpoint.keep_best)
+        save = save_due or (improved and cfg.checkpoint.keep_best)
         if save:
             path = self.ckpt.save(step=self.step, epoch=self.epoch, model=self.model, optimizer=self.optimizer,
                                   scheduler=self.scheduler, config=cfg.to_dict(), metrics=self.last_metrics,
@@ -411,6 +413,17 @@ class Trainer:
             self.tb.hparams(flat)
         self.acc.wait_for_everyone()
         return EXIT_OK
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm running statistics to every rank, before evaluating or saving.
+
+        Each rank updates its running stats from its own batches; DDP overwrites them from rank 0
+        only at the next training forward, DeepSpeed never. Without this, rank 1 would evaluate
+        with statistics that the checkpoint (rank 0's) does not hold.
+        """
+        if self.acc.num_processes > 1:
+            for buf in self.acc.unwrap_model(self.model).buffers():
+                torch.distributed.broadcast(buf.data, src=0)
 
     def _rank_agreement(self) -> list[dict[str, Any]]:
         """Every rank's step count and a checksum of its final weights (they must all agree: a
