@@ -237,11 +237,12 @@ def add_gated_noise(x: torch.Tensor, p: float, std: float, generator: torch.Gene
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         noisy = (x.float() + std * noise).clamp_(-1.0, 1.0).to(x.dtype)
         return torch.where(gate.view(-1, 1, 1, 1), noisy, x)
-    out = x.clone()
     idx = gate.nonzero().squeeze(1)  # on the CPU, draw only for the gated samples
-    if idx.numel() and std > 0:
-        noise = torch.randn((idx.numel(), *x.shape[1:]), generator=generator, dtype=torch.float32)
-        out[idx] = noise.mul_(std).add_(x[idx].float()).clamp_(-1.0, 1.0).to(x.dtype)
+    if idx.numel() == 0 or std == 0:
+        return x  # X~ = X: no copy (batches are never modified in place downstream)
+    out = x.clone()
+    noise = torch.randn((idx.numel(), *x.shape[1:]), generator=generator, dtype=torch.float32)
+    out[idx] = torch.add(x[idx].float(), noise, alpha=std).clamp_(-1.0, 1.0).to(x.dtype)
     return out
 
 

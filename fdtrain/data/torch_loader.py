@@ -18,6 +18,7 @@ each worker drops the raw samples of its batches already consumed before decodin
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 import warnings
@@ -33,7 +34,7 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import tarfile_samples
 
 from fdtrain.data import DataError
-from fdtrain.data.loader import IMAGE_EXTS, Loader, ShardSet, mix_seed, normalize_uint8, parse_label
+from fdtrain.data.loader import IMAGE_EXTS, Loader, ShardSet, mix_seed, parse_label
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,12 +110,29 @@ class _Batcher:
     def flush(self) -> dict[str, Any] | None:
         if not self.items:
             return None
-        x = torch.stack([it[0] for it in self.items])
-        out = {"x": normalize_uint8(x) if self.normalize else x,
+        imgs = [it[0] for it in self.items]
+        x = _batch_buffer((len(imgs), *imgs[0].shape), torch.float32 if self.normalize else torch.uint8)
+        if self.normalize:  # uint8 -> float in one pass per image, then (v / 127.5 - 1) in place
+            for i, img in enumerate(imgs):
+                torch.mul(img, 1.0 / 127.5, out=x[i])
+            x.sub_(1.0)
+        else:
+            torch.stack(imgs, out=x)
+        out = {"x": x,
                "label": torch.tensor([it[1] for it in self.items], dtype=torch.float32),
                "key": [it[2] for it in self.items], "skipped": self.skipped}
         self.items, self.skipped = [], []
         return out
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty batch; in a worker, in shared memory already, so handing it over copies nothing
+    (what torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def _worker() -> tuple[int, int]:
