@@ -104,11 +104,14 @@ def _pil_reference(folder, key):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_equal_train_steps_and_eval_every_key_once(data, backend):
     cfg = small_cfg(data["train"], data["val"], backend=backend, batch_size=4)
-    steps = []
+    steps, keys = [], []
     for rank in range(2):
         loader = build_loader(cfg, "train", rank=rank, world_size=2)
-        steps.append((len(loader), sum(1 for _ in loader)))
+        batches = list(loader)
+        steps.append((len(loader), len(batches)))
+        keys.append({k for b in batches for k in b["key"]})
     assert steps == [(8, 8), (8, 8)]  # 64 // (2 x 4), whatever each rank's shards hold
+    assert not keys[0] & keys[1]  # the ranks read disjoint samples
     seen = [k for rank in range(2) for b in build_loader(cfg, "val", rank=rank, world_size=2) for k in b["key"]]
     assert sorted(seen) == sorted(sample_keys(37))  # 18 + 19 samples: padding never reaches the output
 
@@ -158,3 +161,11 @@ def test_png_samples_and_dtype(tmp_path, backend):
     cfg = small_cfg(val=folder, backend=backend)
     b = next(iter(build_loader(cfg, "val", dtype=torch.bfloat16)))
     assert b["x"].dtype == torch.bfloat16 and b["x"].shape == (4, 3, 64, 64) and b["label"].dtype == torch.float32
+
+
+def test_tar_pattern_without_manifest(data):
+    pattern = str(data["val"] / "shard-{000000..000001}.tar")  # 2 of the 3 shards: 13 + 12 samples
+    for backend in BACKENDS:
+        cfg = small_cfg(data["train"], backend=backend)
+        loader = build_loader(cfg, "val", path=pattern)
+        assert loader.num_samples == 25 and len([k for b in loader for k in b["key"]]) == 25

@@ -17,6 +17,7 @@ missing index, too few shards for ranks x workers) is refused here, before train
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import importlib.util
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fdtrain.config import ConfigError
 from fdtrain.data import DataError
 
 log = logging.getLogger("fdtrain.data")
@@ -115,6 +117,7 @@ def open_shards(location: str, split: str, *, field: str = "path", need_index: b
         if sum(counts) != total:
             raise DataError(f"{manifest_path}: num_samples={total} but its shards hold {sum(counts)}")
         tars = [root / n for n in names]
+        index_names = [e.get("index") or Path(n).with_suffix(".idx").name for e, n in zip(entries, names)]
         missing = [str(t) for t in tars if not t.is_file()]
         if missing:
             raise DataError(f"{where}: shard(s) listed in manifest.json are missing: {', '.join(missing[:3])}"
@@ -124,10 +127,12 @@ def open_shards(location: str, split: str, *, field: str = "path", need_index: b
         if not tars:
             raise DataError(f"{where}: no such folder, and no tar file matches it as a pattern")
         counts = []  # filled from the index files below (no manifest)
+        index_names = [t.with_suffix(".idx").name for t in tars]
         need_index = True
     if not tars or (counts and sum(counts) == 0):
         raise DataError(f"{where}: the '{split}' split is empty (0 samples)")
-    indexes = [ensure_index(t, missing_index) for t in tars] if need_index else [t.with_suffix(".idx") for t in tars]
+    beside = [t.with_name(n) for t, n in zip(tars, index_names)]
+    indexes = [ensure_index(t, i, missing_index) for t, i in zip(tars, beside)] if need_index else beside
     if need_index:
         found = [index_count(i) for i in indexes]
         if counts:
@@ -162,9 +167,8 @@ def index_count(idx: Path) -> int:
     return int(head[1])
 
 
-def ensure_index(tar: Path, policy: str) -> Path:
+def ensure_index(tar: Path, beside: Path, policy: str) -> Path:
     """The DALI index of a tar: beside it, else in the user cache; built (with a warning) or refused."""
-    beside = tar.with_suffix(".idx")
     if beside.is_file():
         return beside
     st = tar.stat()
@@ -299,15 +303,16 @@ class Loader:
             log.info("data[%s]: resuming epoch %d at step %d/%d", self.shards.split, epoch, skip, self.steps_per_epoch)
         want = self.steps_per_epoch - skip if self.train else None
         got = 0
-        for raw in self._batches(epoch, skip):
-            if want is not None and got == want:
-                break
-            step = skip + got
-            out = self._finish(raw, epoch, step)
-            got += 1
-            if self.train:
-                self.step_in_epoch = step + 1  # counted when handed out: a checkpoint after it skips it
-            yield out
+        with contextlib.closing(self._batches(epoch, skip)) as batches:  # stops workers/pipelines on early exit
+            for raw in batches:
+                if want is not None and got == want:
+                    break
+                step = skip + got
+                out = self._finish(raw, epoch, step)
+                got += 1
+                if self.train:
+                    self.step_in_epoch = step + 1  # counted when handed out: a checkpoint after it skips it
+                yield out
         if want is not None and got != want:  # a short rank would hang the others at the next all-reduce
             raise DataError(f"data[{self.shards.split}] rank {self.rank}: epoch {epoch} ended after {skip + got} "
                             f"of {self.steps_per_epoch} steps ({self.backend} backend)")
@@ -373,6 +378,12 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, de
     dtype = dtype or torch.float32
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} outside world_size {world_size}")
+    d = cfg.data
+    for name in ("prefetch", "num_threads", "shuffle_buffer"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"data.{name}: must be >= 1, got {getattr(d, name)}")
+    if d.noise_std < 0:
+        raise ConfigError(f"data.noise_std: must be >= 0, got {d.noise_std}")
     train = split == "train"
     backend, why = choose_backend(cfg.data.backend)
     location, field = split_path(cfg, split, path)
