@@ -138,6 +138,8 @@ class DaliLoader(Loader):
                     if step > skip:
                         yield self._host_fields(out)
                 return
+            except DataError:  # ours (e.g. a bad label): already names the sample
+                raise
             except RuntimeError as e:  # any DALI error leaves the pipeline unusable
                 failed = e
             finally:

@@ -113,7 +113,7 @@ def open_shards(location: str, split: str, *, field: str = "path", need_index: b
             total = int(manifest["num_samples"])
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e}); "
-                            "need num_samples and shards[{{name, num_samples}}]") from e
+                            "need num_samples and shards[{name, num_samples}]") from e
         if sum(counts) != total:
             raise DataError(f"{manifest_path}: num_samples={total} but its shards hold {sum(counts)}")
         tars = [root / n for n in names]
