@@ -322,8 +322,8 @@ class Trainer:
     def _log_window(self) -> None:
         w = self._win
         elapsed = max(1e-9, time.perf_counter() - w["t0"])
-        n = max(1.0, float(w["n"]))
-        total, cls, rr, rf = (w["sums"] / n).tolist()
+        n = float(w["n"])  # finite micro-batches in the window; none: the means are NaN, not 0
+        total, cls, rr, rf = (w["sums"] / n).tolist() if n else [float("nan")] * 4
         stats = {"loss/total": total, "loss/cls": cls, "loss/rec_real": rr, "loss/rec_fake": rf, "lr": w["lr"],
                  "grad_norm": float(w["grad_norm"]), "images_per_sec": w["images"] * self.acc.num_processes / elapsed,
                  "data_wait_share": w["data"] / elapsed, "nonfinite_skipped": self.nonfinite}
