@@ -1,0 +1,158 @@
+"""Checkpoints: layout, round trip, pruning, atomicity (a kill -9 mid-write leaves the previous one)."""
+import json
+import signal
+import subprocess
+
+import pytest
+import torch
+
+from fdtrain.config import from_dict
+from fdtrain.engine import checkpoint as ck
+from tests import _engine_utils as U
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    """A real 64-px FakeDiffer, its Adam and schedule under a single-process CPU Accelerator."""
+    from accelerate import Accelerator
+
+    from fdtrain.engine.optim import build_optimizer, build_scheduler
+    from fdtrain.models import create_model_from_config
+
+    U.reset_accelerate()
+    cfg = from_dict({"model": {"input_size": 64}, "run": {"name": "ck", "out_dir": str(tmp_path)}})
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = create_model_from_config(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, 100)
+    model, opt = acc.prepare(model, opt)
+    yield cfg, acc, model, opt, sched
+    U.reset_accelerate()
+
+
+def _train_a_step(model, opt, sched):
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = model(x, x, labels=torch.tensor([0.0, 1.0]))
+    (out.logit.sum() + out.recon_real.mean()).backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+def _save(ckpt, cfg, model, opt, sched, step, **kw):
+    return ckpt.save(step=step, epoch=0, model=model, optimizer=opt, scheduler=sched, config=cfg.to_dict(),
+                     metrics=kw.get("metrics", {}), trainer_state={"step": step},
+                     loader_state={"epoch": 0, "step_in_epoch": step})
+
+
+def test_layout_and_plain_torch_loading(setup, tmp_path):
+    from fdtrain.inference import load_model
+
+    cfg, acc, model, opt, sched = setup
+    _train_a_step(model, opt, sched)
+    ckpt = ck.Checkpointer(tmp_path / "checkpoints", acc)
+    path = _save(ckpt, cfg, model, opt, sched, 1, metrics={"val": {"frame": {"auc": 0.75}}})
+    assert path.name == "step-00000001"
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.pt", "rank-00000.pt", "train_state.pt"]
+    blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)  # plain tensors only
+    assert set(blob) >= {"format", "config", "state_dict", "step", "epoch", "metrics"}
+    assert blob["step"] == 1 and blob["metrics"]["val"]["frame"]["auc"] == 0.75
+    assert all(v.dtype == torch.float32 for v in blob["state_dict"].values() if v.is_floating_point())
+    loaded, loaded_cfg = load_model(path)  # fdtrain.inference: no Accelerate involved
+    assert loaded_cfg.model.input_size == 64
+    for k, v in acc.unwrap_model(model).state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert json.loads((path / "meta.json").read_text())["world_size"] == 1
+
+
+def test_round_trip_restores_optimizer_scheduler_rng(setup, tmp_path):
+    cfg, acc, model, opt, sched = setup
+    for _ in range(2):
+        _train_a_step(model, opt, sched)
+    ckpt = ck.Checkpointer(tmp_path / "checkpoints", acc)
+    path = _save(ckpt, cfg, model, opt, sched, 2)
+    expected_rand = torch.rand(3)  # the RNG stream right after the save
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_avg = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
+    _train_a_step(model, opt, sched)  # move everything away from the saved state
+
+    state = ckpt.load(path, model=model, optimizer=opt, scheduler=sched)
+    assert state["step"] == 2 and state["loader"] == {"epoch": 0, "step_in_epoch": 2}
+    assert torch.equal(torch.rand(3), expected_rand)
+    assert sched.last_epoch == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for k, v in opt.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg"], exp_avg[k])
+
+
+def test_keeps_last_k_plus_best_and_ignores_partial_writes(setup, tmp_path):
+    cfg, acc, model, opt, sched = setup
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    stale = ckpt_dir / ".tmp-step-00000099"  # what a crash mid-write leaves
+    stale.mkdir()
+    (stale / "model.pt").write_bytes(b"half a file")
+    assert ck.newest_checkpoint(ckpt_dir) is None
+    ckpt = ck.Checkpointer(ckpt_dir, acc, keep_last=2)
+    assert not stale.exists()  # cleaned when the next run starts
+
+    for step in (1, 2, 3, 4):
+        path = _save(ckpt, cfg, model, opt, sched, step)
+        if step == 2:
+            ckpt.mark_best(path, {"value": 0.9, "step": 2})
+        ckpt.prune()
+    assert [s for s, _ in ck.list_checkpoints(ckpt_dir)] == [2, 3, 4]  # last 2 + the best
+    assert ck.best_checkpoint(ckpt_dir).name == "step-00000002"
+    assert json.loads((ckpt_dir / "best.json").read_text())["checkpoint"] == "step-00000002"
+    assert ck.newest_checkpoint(ckpt_dir).name == "step-00000004"
+    # a run folder, a checkpoints folder or a checkpoint resolve to a model file (best first)
+    assert ck.resolve_model_file(tmp_path).parent.name == "step-00000002"
+    assert ck.resolve_model_file(ckpt_dir / "step-00000003").parent.name == "step-00000003"
+    with pytest.raises(FileNotFoundError, match="no model.pt"):
+        ck.resolve_model_file(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    """SIGKILL the trainer while a checkpoint folder is being written: the newest complete one
+    still loads (plain torch and --resume auto), and the partial one is ignored, then removed."""
+    from fdtrain.inference import load_model
+
+    data = U.write_easy_dataset(tmp_path / "data", train_videos=8, eval_videos=2, shards=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {name: k9}\n")
+    args = U.overrides(data, tmp_path / "runs", "k9", **{"train.max_steps": 40, "checkpoint.every_steps": 1,
+                                                         "checkpoint.keep_last": 3, "data.val": "",
+                                                         "data.test": {}})
+    ckpt_dir = tmp_path / "runs" / "k9" / "checkpoints"
+    proc = subprocess.Popen(U.fdtrain_cmd("train", str(recipe), *args), cwd=U.REPO, env=U.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def mid_write():
+            return bool(ck.list_checkpoints(ckpt_dir)) and any(ckpt_dir.glob(".tmp-step-*"))
+
+        assert U.wait_for(mid_write, timeout=300, proc=proc), proc.communicate()[0][-4000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = list(ckpt_dir.glob(".tmp-step-*"))
+    assert partial, "the kill did not land during a write"
+    newest = ck.newest_checkpoint(ckpt_dir)
+    assert newest is not None and int(partial[0].name.split("-")[-1]) > int(newest.name.split("-")[-1])
+    model, cfg = load_model(newest)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    torch.load(newest / "train_state.pt", map_location="cpu", weights_only=False)
+
+    step = int(newest.name.split("-")[-1])
+    args = [a for a in args if not a.startswith("--train.max_steps")] + [f"--train.max_steps={step + 2}"]
+    done = U.run(U.fdtrain_cmd("train", str(recipe), *args, "--resume", "auto"), timeout=600)
+    assert done.returncode == 0, U.explain(done)
+    assert f"resumed from {newest}" in done.stdout
+    assert not list(ckpt_dir.glob(".tmp-step-*"))
+    assert ck.newest_checkpoint(ckpt_dir).name == f"step-{step + 2:08d}"
