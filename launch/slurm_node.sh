@@ -13,6 +13,7 @@
 #   FDTRAIN_PROCS_PER_NODE   processes per node (default: the GPUs SLURM gave this node; 2 in CPU mode)
 #   FDTRAIN_PYTHON           interpreter with fdtrain installed (default .venv/bin/python, else python3)
 #   MASTER_ADDR MASTER_PORT  rendezvous, set by slurm/train.sbatch from the job's first node
+#   FDTRAIN_DRY_RUN=1        print the launcher command line and exit (checks a setup, used by tests)
 #
 # Exit status: the launcher's, except 75 (fdtrain.EXIT_PREEMPTED) when this node got SIGUSR1
 # and the launcher then failed: torchrun and accelerate report a worker's 75 as a plain failure,
@@ -90,6 +91,10 @@ esac
 
 echo "slurm_node.sh: node $node_rank/$nnodes on $(hostname -s), $procs process(es), rendezvous $master_addr:$master_port" >&2
 echo "slurm_node.sh: ${cmd[*]}" >&2
+if [[ ${FDTRAIN_DRY_RUN:-0} == 1 ]]; then
+    printf '%s\n' "${cmd[@]}"
+    exit 0
+fi
 
 # srun delivers a forwarded SIGUSR1 to every process of the step. The training processes
 # checkpoint on it; the launcher must survive it (Python's default action for SIGUSR1 is to
