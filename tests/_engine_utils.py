@@ -178,3 +178,20 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+_TRAINED: dict[str, tuple[Path, Path, subprocess.CompletedProcess]] = {}
+
+
+def trained_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(data folder, run folder, the finished process) of one short single-process training run
+    through ``python -m fdtrain train``, shared by the engine, TensorBoard and evaluate/predict
+    tests: 3 epochs of 16 steps, validation at each epoch end, reconstruction panels every 8 steps."""
+    if "run" not in _TRAINED:
+        root = tmp_path_factory.mktemp("trained")
+        data = write_easy_dataset(root / "data")
+        recipe = root / "tiny.yaml"
+        recipe.write_text("run: {name: tiny}\n")
+        proc = run(fdtrain_cmd("train", str(recipe), *overrides(data, root / "runs", "tiny", **{"train.epochs": 3})))
+        _TRAINED["run"] = (data, root / "runs" / "tiny", proc)
+    return _TRAINED["run"]

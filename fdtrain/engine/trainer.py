@@ -88,6 +88,11 @@ class Trainer:
         self._new_window()
         self._win_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
         self._stop_flag = False
+        # BatchNorm running stats change in the forward pass, before the loss can be checked: a
+        # snapshot per accumulation window lets a skipped (non-finite) step leave no trace.
+        self._buffers = [b for b in acc.unwrap_model(self.model).buffers()]
+        self._buffer_snapshot = [b.detach().clone() for b in self._buffers]
+        self._micro_in_window = 0
 
     # ---- sizes ---------------------------------------------------------------------------
     def _optimizer_steps_per_epoch(self) -> int:
@@ -212,6 +217,9 @@ class Trainer:
         x_noisy = batch.get("x_noisy", x)
         if self.input_dtype is not None and x.dtype != self.input_dtype:
             x, x_noisy = x.to(self.input_dtype), x_noisy.to(self.input_dtype)
+        if self._micro_in_window == 0 and self._buffers:
+            torch._foreach_copy_(self._buffer_snapshot, self._buffers)
+        self._micro_in_window += 1
         with self.acc.accumulate(self.model):
             out = self.model(x, x_noisy, labels=y)
             losses = self.loss_fn(out, x, y)
@@ -260,7 +268,10 @@ class Trainer:
         self._win["lr"] = lr
         self._win["grad_norm"] = gn
         self._win_bad.zero_()
+        self._micro_in_window = 0
         if bad:
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._buffer_snapshot)
             self.nonfinite += 1
             self._say(f"step {self.step}: non-finite loss or gradient, update skipped "
                       f"({self.nonfinite}/{self.cfg.train.max_nonfinite} allowed)")
