@@ -71,16 +71,20 @@ def make_identity(seed: int, i: int) -> dict:
 
 def make_scene(seed: int, i: int, frames: int, size: int) -> dict:
     """The video of identity i: background, light, pose track, expressions, camera noise."""
+    from scipy.ndimage import map_coordinates
+
     r = _rng(seed, "video", i)
+    bg = r.normal(0, 1, (8, 8, 3)) * r.uniform(15, 40) + r.uniform(40, 215, 3)
+    grid = np.mgrid[0:size, 0:size].astype(np.float32) / size * 7
     steps = r.normal(0, 1, (frames, 4)) * [0.9, 0.9, 0.01, 0.012]  # px, px, scale, radians per frame
     track = np.cumsum(steps, axis=0) + [r.normal(0, 2.5), r.normal(0, 2.5), r.uniform(0.95, 1.07), r.normal(0, 0.07)]
     return {
-        "bg": r.normal(0, 1, (8, 8, 3)) * r.uniform(15, 40) + r.uniform(40, 215, 3),
+        "bg_img": np.stack([map_coordinates(bg[..., k], grid, order=1) for k in range(3)], -1).astype(np.float32),
         "light": r.normal(0, 1, 2) / 2.0, "light_amp": r.uniform(0.05, 0.2),
         "track": track,  # per frame: dx, dy, scale, roll
         "mouth_open": np.clip(np.cumsum(r.normal(0, 0.3, frames)) * 0.5 + r.uniform(0, 0.5), 0, 1),
         "blink": r.uniform(0, 1, frames) < 0.12,
-        "noise_seed": int(r.integers(0, 2**31 - 1)), "noise_std": r.uniform(1.0, 3.0),
+        "noise_seed": int(r.integers(0, 2**31 - 1)), "noise_std": r.uniform(2.0, 4.0),
     }
 
 
@@ -103,15 +107,54 @@ class Canvas:
         x0, y0, c, s = self._pose
         return x0 + (c * u - s * v) * self.px, y0 + (s * u + c * v) * self.px
 
-    def ellipse(self, cx: float, cy: float, a: float, b: float, feather_px: float = 1.0, tilt: float = 0.0):
-        """Soft mask of an ellipse in face coordinates; edge ``feather_px`` pixels wide."""
-        u, v = self.u - cx, self.v - cy
+    def ellipse(self, cx: float, cy: float, a: float, b: float, feather_px: float = 1.0, tilt: float = 0.0) -> Mask:
+        """Soft mask of an ellipse in face coordinates, edge ``feather_px`` pixels wide, computed only
+        on the window around it (painting full frames was most of the rendering time)."""
+        px, py = self.to_pixels(cx, cy)
+        reach = max(a, b) * self.px + feather_px + 2
+        y0, y1 = max(0, int(py - reach)), min(self.size, int(py + reach) + 1)
+        x0, x1 = max(0, int(px - reach)), min(self.size, int(px + reach) + 1)
+        sl = (slice(y0, max(y0, y1)), slice(x0, max(x0, x1)))
+        u, v = self.u[sl] - cx, self.v[sl] - cy
         if tilt:
             c, s = math.cos(tilt), math.sin(tilt)
             u, v = c * u + s * v, -s * u + c * v
         r = np.sqrt((u / a) ** 2 + (v / b) ** 2)
-        d = (r - 1.0) * min(a, b) * self.px
-        return np.clip(0.5 - d / max(feather_px, 1e-3), 0.0, 1.0)[..., None]
+        d = (r - 1.0) * (min(a, b) * self.px)
+        return Mask(sl, np.clip(0.5 - d / max(feather_px, 1e-3), 0.0, 1.0).astype(np.float32), self.size)
+
+
+class Mask:
+    """A soft mask that is zero outside the window ``sl`` of a ``size`` x ``size`` frame."""
+
+    def __init__(self, sl: tuple[slice, slice], m: np.ndarray, size: int):
+        self.sl, self.m, self.size = sl, m, size
+
+    def on(self, sl: tuple[slice, slice]) -> np.ndarray:
+        out = np.zeros((sl[0].stop - sl[0].start, sl[1].stop - sl[1].start), np.float32)
+        ys = slice(max(sl[0].start, self.sl[0].start), min(sl[0].stop, self.sl[0].stop))
+        xs = slice(max(sl[1].start, self.sl[1].start), min(sl[1].stop, self.sl[1].stop))
+        if ys.stop > ys.start and xs.stop > xs.start:
+            out[ys.start - sl[0].start:ys.stop - sl[0].start, xs.start - sl[1].start:xs.stop - sl[1].start] = \
+                self.m[ys.start - self.sl[0].start:ys.stop - self.sl[0].start,
+                       xs.start - self.sl[1].start:xs.stop - self.sl[1].start]
+        return out
+
+    def full(self) -> np.ndarray:
+        """HxWx1 array, for blending whole frames."""
+        return self.on((slice(0, self.size), slice(0, self.size)))[..., None]
+
+    def __mul__(self, other):
+        if isinstance(other, Mask):
+            return Mask(self.sl, self.m * other.on(self.sl), self.size)
+        return Mask(self.sl, self.m * np.float32(other), self.size)
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: Mask) -> Mask:
+        sl = (slice(min(self.sl[0].start, other.sl[0].start), max(self.sl[0].stop, other.sl[0].stop)),
+              slice(min(self.sl[1].start, other.sl[1].start), max(self.sl[1].stop, other.sl[1].stop)))
+        return Mask(sl, self.on(sl) + other.on(sl), self.size)
 
 
 def _sample(grid: np.ndarray, u: np.ndarray, v: np.ndarray, span: float) -> np.ndarray:
@@ -134,18 +177,15 @@ def render(ident: dict, scene: dict, t: int, size: int, expression_t: int | None
     """
     cv = Canvas(size, scene, t)
     et = t if expression_t is None else expression_t
-    # static background in image coordinates (the camera does not move with the head)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    from scipy.ndimage import map_coordinates
+    img = scene["bg_img"].copy()  # static: the camera does not move with the head
+    shade = (1.0 + scene["light_amp"] * (scene["light"][0] * cv.u + scene["light"][1] * cv.v) / 0.3)[..., None]
 
-    bgc = [(yy / size) * 7, (xx / size) * 7]
-    img = np.stack([map_coordinates(scene["bg"][..., k], bgc, order=1) for k in range(3)], -1).astype(np.float32)
-    shade = 1.0 + scene["light_amp"] * (scene["light"][0] * cv.u + scene["light"][1] * cv.v) / 0.3
-    shade = shade[..., None]
-
-    def paint(mask, colour):
-        nonlocal img
-        img = img * (1 - mask) + np.asarray(colour, np.float32) * mask
+    def paint(mask: Mask, colour) -> None:
+        colour = np.asarray(colour, np.float32)
+        if colour.ndim == 3:  # a per-pixel colour (shaded skin)
+            colour = colour[mask.sl]
+        m = mask.m[..., None]
+        img[mask.sl] = img[mask.sl] * (1 - m) + colour * m
 
     fa, fb = ident["face_a"], ident["face_b"]
     paint(cv.ellipse(0, -0.04, fa * ident["hair_w"], fb + ident["hair_top"] * 0.6), ident["hair"] * 0.9)  # hair back
@@ -216,57 +256,67 @@ def _resample_down_up(img: np.ndarray, factor: float) -> np.ndarray:
     return np.stack(out, -1)
 
 
-def fake_frame(method: str, a: dict, b: dict, scene: dict, t: int, size: int, r: np.random.Generator,
-               strength: float) -> np.ndarray:
-    """The frame t of fake video a_b by ``method``; ``strength`` in [0, 1] scales its trace."""
+def fake_params(method: str, r: np.random.Generator) -> dict:
+    """Per-video settings of a manipulation; ``strength`` in [0.25, 1] scales its trace."""
+    p = {"strength": float(r.uniform(0.25, 1.0))}
+    if method == "Face2Face":
+        p.update(on_eyes=bool(r.uniform() < 0.3), sign=float(r.choice([-1, 1])))
+    elif method == "FaceSwap":
+        p.update(gain=r.normal(0, 1, 3).clip(-2, 2), tilt=r.normal(0, 1, 2))
+    elif method == "NeuralTextures":
+        p.update(period=float(r.choice([3.0, 4.0])), angle=float(r.uniform(0, math.pi)))
+    return p
+
+
+def fake_frame(method: str, a: dict, b: dict, scene: dict, t: int, size: int, p: dict) -> np.ndarray:
+    """The frame t of fake video a_b (target a, source b) by ``method`` with settings ``p``."""
     target = render(a, scene, t, size) + camera_noise(scene, t, size)
     cv = Canvas(size, scene, t)
+    st = p["strength"]
     if method == "Deepfakes":
         swap = render(_inner(b, a), scene, t, size) + camera_noise(scene, t, size, 1)
-        swap = _resample_down_up(swap, 1.6 + 1.6 * strength)
+        swap = _resample_down_up(swap, 1.6 + 1.6 * st)
         # partial colour transfer towards the target: what is left shows as a seam
-        mask = cv.ellipse(0, 0.03, a["face_a"] * 0.82, a["face_b"] * 0.78, feather_px=2.0 + 2.0 * (1 - strength))
+        mask = cv.ellipse(0, 0.03, a["face_a"] * 0.82, a["face_b"] * 0.78, feather_px=2.0 + 2.0 * (1 - st)).full()
         w = mask[..., 0] > 0.5
-        keep = 0.35 + 0.6 * strength
+        keep = 0.35 + 0.6 * st
         swap = swap + (1 - keep) * (target[w].mean(0) - swap[w].mean(0))
         return target * (1 - mask) + swap * mask
     if method == "Face2Face":
         from scipy.ndimage import map_coordinates
 
-        # driven by b's expression at this time, then a local warp around the mouth (or the eyes)
+        # a's face driven by b's expression at this time, then warped locally around the mouth (or eyes)
         src = render(a, scene, t, size, expression_t=(t + 1 + b["_index"]) % len(scene["mouth_open"]))
         src = src + camera_noise(scene, t, size)
-        on_eyes = r.uniform() < 0.3
-        cy = a["eye_y"] if on_eyes else a["mouth_y"]
-        sig = (0.09 if on_eyes else 0.07) * cv.px
+        eyes = p["on_eyes"]
+        cy = a["eye_y"] if eyes else a["mouth_y"]
+        sig = (0.09 if eyes else 0.07) * cv.px
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
         mcx, mcy = cv.to_pixels(0.0, cy)
         g = np.exp(-((xs - mcx) ** 2 + (ys - mcy) ** 2) / (2 * sig**2))
-        amp = (1.5 + 2.5 * strength) * r.choice([-1, 1])
-        warped = np.stack([map_coordinates(src[..., k], [ys + amp * g * (ys - mcy) / sig, xs + 0.5 * amp * g *
-                                                         (xs - mcx) / sig], order=1, mode="nearest")
-                           for k in range(3)], -1)
-        warped = _blur(warped, 0.4 + 0.5 * strength)
-        mask = cv.ellipse(0, cy, a["mouth_w"] * 1.9 if not on_eyes else a["eye_dx"] * 2.0,
-                          0.07 if not on_eyes else 0.055, feather_px=3.0)
+        amp = (3.0 + 3.0 * st) * p["sign"] * size / 128
+        coords = [ys + amp * g * (ys - mcy) / sig, xs + 0.5 * amp * g * (xs - mcx) / sig]
+        warped = np.stack([map_coordinates(src[..., k], coords, order=1, mode="nearest") for k in range(3)], -1)
+        warped = _blur(warped, 1.0 + 0.6 * st)  # the re-rendered region is smoother than the camera's
+        mask = cv.ellipse(0, cy + (0 if eyes else 0.02), a["eye_dx"] * 2.1 if eyes else a["face_a"] * 0.7,
+                          0.06 if eyes else 0.095, feather_px=3.0).full()
         return target * (1 - mask) + warped * mask
     if method == "FaceSwap":
         swap = render(_inner(b, a), scene, t, size) + camera_noise(scene, t, size, 2)
-        gain = 1 + (0.06 + 0.12 * strength) * r.normal(0, 1, 3).clip(-2, 2)
-        tilt = r.normal(0, 1, 2)
-        grad = 1 + (0.08 + 0.14 * strength) * (tilt[0] * cv.u + tilt[1] * cv.v) / 0.3
+        gain = 1 + (0.10 + 0.12 * st) * p["gain"]
+        grad = 1 + (0.10 + 0.15 * st) * (p["tilt"][0] * cv.u + p["tilt"][1] * cv.v) / 0.3
         swap = swap * gain * grad[..., None]
-        mask = cv.ellipse(0, 0.04, a["face_a"] * 0.78, a["face_b"] * 0.72, feather_px=1.2)
+        mask = cv.ellipse(0, 0.04, a["face_a"] * 0.78, a["face_b"] * 0.72, feather_px=1.2).full()
         return target * (1 - mask) + swap * mask
     if method == "NeuralTextures":
+        # no smoothing here: the trace is a frequency signature only, which the others do not have
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-        period = r.choice([3.0, 4.0])
-        ang = r.uniform(0, math.pi)
-        wave = np.cos(2 * math.pi * (xs * math.cos(ang) + ys * math.sin(ang)) / period)
+        ang = p["angle"]
+        wave = np.cos(2 * math.pi * (xs * math.cos(ang) + ys * math.sin(ang)) / p["period"])
         checker = ((xs.astype(int) + ys.astype(int)) % 2) * 2 - 1.0
-        amp = 2.0 + 3.5 * strength
-        tex = _blur(target, 0.8 + 0.6 * strength) + (amp * wave + 0.5 * amp * checker)[..., None]
-        mask = cv.ellipse(0, a["mouth_y"] + 0.02, a["face_a"] * 0.62, 0.11, feather_px=3.0)
+        amp = 2.5 + 3.5 * st
+        tex = target + (amp * wave + 0.5 * amp * checker)[..., None]
+        mask = cv.ellipse(0, a["mouth_y"] + 0.02, a["face_a"] * 0.62, 0.11, feather_px=3.0).full()
         return target * (1 - mask) + tex * mask
     raise ValueError(f"unknown synthetic method {method!r}")
 
@@ -319,10 +369,9 @@ def _video_task(args) -> None:
         imgs = [render(a, scene, t, size) + camera_noise(scene, t, size) for t in range(frames)]
     else:
         b = {**make_identity(seed, bi), "_index": bi}
-        r = _rng(seed, method, ai, bi)
-        strength = float(r.uniform(0.0, 1.0))
+        params = fake_params(method, _rng(seed, method, ai, bi))
         folder = Path(out) / "manipulated_sequences" / method / COMPRESSION / "frames" / f"{_name(ai)}_{_name(bi)}"
-        imgs = [fake_frame(method, a, b, scene, t, size, r, strength) for t in range(frames)]
+        imgs = [fake_frame(method, a, b, scene, t, size, params) for t in range(frames)]
     _save_frames(folder, imgs)
 
 
