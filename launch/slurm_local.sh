@@ -8,7 +8,8 @@
 #   launch/slurm_local.sh status    0 when the controller answers and the node is usable
 #   launch/slurm_local.sh env       print the `export SLURM_CONF=...` line for clients
 #
-# Idempotent: `start` on a running cluster only checks it. Environment:
+# Idempotent: `start` on a running cluster only checks it. Exit status 3: SLURM is missing and
+# cannot be installed here (not root, no apt-get, no package source); tests skip on it. Environment:
 #   FDTRAIN_SLURM_DIR   state folder (default /tmp/fdtrain-slurm): slurm.conf, logs, spool, state
 #   FDTRAIN_SLURM_PORT  slurmctld port (default 6817; slurmd uses the next one)
 # Clients (sbatch, squeue, scontrol) find the cluster through SLURM_CONF; /etc/slurm/slurm.conf is
@@ -23,10 +24,11 @@ export SLURM_CONF=$CONF
 
 log() { echo "slurm_local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+cannot_install() { log "cannot install SLURM: $*"; exit 3; }
 
 as_root() {
-    if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
-        die "need root (or sudo) for: $*"; fi
+    if [[ $(id -u) -eq 0 ]]; then "$@"; elif sudo -n true 2>/dev/null; then sudo -n "$@"; else
+        die "need root (or password-less sudo) for: $*"; fi
 }
 
 install_packages() {
@@ -35,13 +37,15 @@ install_packages() {
         command -v "$bin" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
     done
     [[ ${#missing[@]} -eq 0 ]] && return 0
-    command -v apt-get >/dev/null || die "SLURM is not installed (${missing[*]} missing) and apt-get is not available"
+    command -v apt-get >/dev/null || cannot_install "${missing[*]} missing and apt-get is not available"
+    [[ $(id -u) -eq 0 ]] || sudo -n true 2>/dev/null || cannot_install "${missing[*]} missing; installing needs root"
     log "installing slurmctld slurmd slurm-client munge (missing: ${missing[*]})"
     local pkgs=(slurmctld slurmd slurm-client munge)
     # Package scripts try to start the services; without systemd that fails harmlessly.
     if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}" >&2; then
-        as_root apt-get update >&2
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}" >&2
+        as_root apt-get update >&2 || cannot_install "apt-get update failed"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}" >&2 ||
+            cannot_install "apt-get install ${pkgs[*]} failed"
     fi
 }
 
