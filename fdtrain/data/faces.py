@@ -147,14 +147,11 @@ def square_box(box: Box, margin: float, width: int, height: int) -> tuple[int, i
     """A square of side max(w, h) x margin around the box centre, moved inside the frame where it
     fits and clipped where it does not."""
     x1, y1, x2, y2 = box
-    side = max(x2 - x1, y2 - y1) * margin
-    side = min(side, max(width, height))
+    side = max(1, min(int(round(max(x2 - x1, y2 - y1) * margin)), max(width, height)))
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    left = min(max(cx - side / 2, 0.0), max(width - side, 0.0))
-    top = min(max(cy - side / 2, 0.0), max(height - side, 0.0))
-    bx1, by1 = int(round(left)), int(round(top))
-    bx2, by2 = min(width, int(round(left + side))), min(height, int(round(top + side)))
-    return bx1, by1, max(bx2, bx1 + 1), max(by2, by1 + 1)
+    left = min(max(int(round(cx - side / 2)), 0), max(width - side, 0))
+    top = min(max(int(round(cy - side / 2)), 0), max(height - side, 0))
+    return left, top, min(width, left + side), min(height, top + side)
 
 
 def resize_short_side(rgb: np.ndarray, short_side: int) -> np.ndarray:
