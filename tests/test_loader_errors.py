@@ -82,6 +82,13 @@ def test_stale_index_is_refused(tmp_path):
         build_loader(small_cfg(val=folder, backend="dali"), "val")
 
 
+def test_index_that_does_not_match_its_tar_is_caught_by_the_fallback(tmp_path):
+    folder = write_split(tmp_path / "val", 6, 2, split="val", size=64)
+    (folder / "shard-000001.idx").write_text((folder / "shard-000000.idx").read_text())  # same count, wrong tar
+    with pytest.raises(DataError, match=r"shard-000001.tar: member \S+ is not where \S+shard-000001.idx says"):
+        _keys(build_loader(small_cfg(val=folder, backend="torch"), "val"))
+
+
 def test_refused_before_training(tmp_path):
     folder = write_split(tmp_path / "train", 16, 3, size=64)
     cfg = small_cfg(train=folder, backend="torch", num_workers=2)

@@ -10,7 +10,9 @@ draws (~3 ns per value, ~0.4 ms per 299-px image at noise_p 0.5) cost about as m
 
 Rounds are interleaved (every pipeline once per round, median over rounds), so a machine shared
 with other work slows all of them alike and the ratios stay meaningful. Each pass starts timing at
-its first batch: pipeline builds and worker start-up are not counted. Without ``--shards`` the
+its first batch: pipeline builds and worker start-up are not counted. Beside images/s the table
+gives CPU milliseconds per image (this process's threads plus its finished workers, start-up
+included), which other work on the machine distorts far less than wall-clock rates. Without ``--shards`` the
 bench writes its own data (``--samples`` crops at ``--image-size`` px, as shards and as loose
 files, the same bytes). Prints a table and one JSON line; ``--json PATH`` writes the JSON too.
 
@@ -134,20 +136,34 @@ def _loader_pass(cfg, device, epoch: int):
         yield b["x"].shape[0], b["x_noisy"]
 
 
-def _timed(batches, device) -> float:
-    """images/s from the first batch to the last (start-up excluded)."""
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished children (DataLoader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _timed(batches, device) -> tuple[float, float]:
+    """(images/s from the first batch to the last, CPU ms per image over the whole pass).
+
+    The wall-clock rate leaves start-up out; the CPU figure includes it (workers are only counted
+    once they exit) and is what a machine shared with other work distorts least.
+    """
     import torch
 
-    n, t0, last = 0, None, None
+    cpu0 = _cpu_seconds()
+    n, total, t0, last = 0, 0, None, None
     for count, tensor in batches:
         last = tensor
+        total += count
         if t0 is None:
             t0 = time.perf_counter()
             continue
         n += count
     if device.type == "cuda" and last is not None:
         torch.cuda.synchronize(device)
-    return n / (time.perf_counter() - t0) if t0 is not None and n else float("nan")
+    rate = n / (time.perf_counter() - t0) if t0 is not None and n else float("nan")
+    del batches, last  # let the workers exit before reading their CPU time
+    return rate, (_cpu_seconds() - cpu0) / max(1, total) * 1e3
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,15 +231,19 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
 
         rates: dict[str, list[float]] = {r[0]: [] for r in rows}
+        cpu_ms: dict[str, list[float]] = {r[0]: [] for r in rows}
         from tqdm import tqdm
 
         with tqdm(total=args.rounds * len(rows), desc="bench data", unit="pass", file=sys.stderr, leave=False) as bar:
             for rnd in range(args.rounds):
                 for name, _, _, make in rows:  # round robin: background load hits every pipeline alike
-                    rates[name].append(_timed(make(rnd), device))
+                    rate, ms = _timed(make(rnd), device)
+                    rates[name].append(rate)
+                    cpu_ms[name].append(ms)
                     bar.update(1)
 
     med = {n: statistics.median(v) for n, v in rates.items()}
+    cpu = {n: statistics.median(v) for n, v in cpu_ms.items()}
     base = med.get("naive")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cores} cores)"
     result = {
@@ -231,16 +251,19 @@ def run_bench(args: argparse.Namespace) -> int:
         "size": args.size, "batch_size": args.batch_size, "rounds": args.rounds, "noise_p": args.noise_p,
         "noise_std": args.noise_std,
         "results": {n: {"images_per_s": med[n], "all": [round(v, 1) for v in rates[n]], "what": what,
-                        "parallelism": par, "vs_naive": (med[n] / base) if base else None}
+                        "parallelism": par, "vs_naive": (med[n] / base) if base else None,
+                        "cpu_ms_per_image": cpu[n], "cpu_vs_naive": (cpu["naive"] / cpu[n]) if base else None}
                     for n, what, par, _ in rows},
     }
     src = args.shards or f"{len(files)} synthetic JPEG crops at {args.image_size} px"
     print(f"fdtrain bench data: {src} -> {args.size}x{args.size}, batch {args.batch_size}, {device_name}, "
           f"median of {args.rounds} interleaved rounds")
-    print(f"{'pipeline':<14} {'parallelism':<12} {'images/s':>9} {'vs naive':>9}  output")
+    print(f"{'pipeline':<14} {'parallelism':<12} {'images/s':>9} {'vs naive':>9} {'CPU ms/img':>11} "
+          f"{'vs naive':>9}  output")
     for name, what, par, _ in rows:
         ratio = f"{med[name] / base:.2f}x" if base else "-"
-        print(f"{name:<14} {par:<12} {med[name]:>9.0f} {ratio:>9}  {what}")
+        cpu_ratio = f"{cpu['naive'] / cpu[name]:.2f}x" if base else "-"
+        print(f"{name:<14} {par:<12} {med[name]:>9.0f} {ratio:>9} {cpu[name]:>11.2f} {cpu_ratio:>9}  {what}")
     line = json.dumps(result)
     print(line)
     if args.json:

@@ -27,17 +27,11 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fdtrain.data import DataError
-from fdtrain.data.loader import Loader, log, parse_label
+from fdtrain.data.loader import Loader, log, parse_label, sample_key
 
 READER = "Reader"
 IMAGE_EXT = "jpg;jpeg;png"
 _FAILED_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (\S+):(\d+):(\S+)")
-
-
-def sample_key(name: str) -> str:
-    """WebDataset key of a member name: everything before the first dot of the last path part."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return name if dot < 0 else name[:dot]
 
 
 def parse_source_info(info: str) -> tuple[str, str]:

@@ -212,6 +212,12 @@ def build_index(tar: Path, idx: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Per-sample helpers shared by both backends
 # --------------------------------------------------------------------------------------------
+def sample_key(name: str) -> str:
+    """WebDataset key of a member name: everything before the first dot of the last path part."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return name if dot < 0 else name[:dot]
+
+
 def parse_label(raw: bytes, key: str, shard: str) -> float:
     """The ``cls`` component: ASCII "0" (real) or "1" (fake)."""
     text = raw.rstrip(b"\0").strip()
@@ -226,7 +232,10 @@ def mix_seed(*parts: int) -> int:
 
 
 def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 (v / 255 - 0.5) / 0.5 = v / 127.5 - 1."""
+    """uint8 pixels -> float32 (v / 255 - 0.5) / 0.5 = v / 127.5 - 1.
+
+    A plain conversion then in-place float ops: mixed uint8/float kernels are ~2x slower on the CPU.
+    """
     return x.float().mul_(1.0 / 127.5).sub_(1.0)
 
 
@@ -241,12 +250,20 @@ def add_gated_noise(x: torch.Tensor, p: float, std: float, generator: torch.Gene
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         noisy = (x.float() + std * noise).clamp_(-1.0, 1.0).to(x.dtype)
         return torch.where(gate.view(-1, 1, 1, 1), noisy, x)
-    idx = gate.nonzero().squeeze(1)  # on the CPU, draw only for the gated samples
-    if idx.numel() == 0 or std == 0:
+    gated = gate.tolist()  # on the CPU: draw only for the gated samples, in place, one pass fewer each
+    if not any(gated) or std == 0:
         return x  # X~ = X: no copy (batches are never modified in place downstream)
-    out = x.clone()
-    noise = torch.randn((idx.numel(), *x.shape[1:]), generator=generator, dtype=torch.float32)
-    out[idx] = torch.add(x[idx].float(), noise, alpha=std).clamp_(-1.0, 1.0).to(x.dtype)
+    out = torch.empty_like(x)
+    noise = torch.empty(x.shape[1:], dtype=torch.float32) if x.dtype != torch.float32 else None
+    for i, g in enumerate(gated):
+        if not g:
+            out[i].copy_(x[i])
+            continue
+        n = out[i] if noise is None else noise
+        torch.randn(n.shape, generator=generator, out=n)
+        torch.add(x[i], n, alpha=std, out=n).clamp_(-1.0, 1.0)
+        if noise is not None:
+            out[i].copy_(n)
     return out
 
 

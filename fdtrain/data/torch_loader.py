@@ -9,8 +9,9 @@ to one sample), cut into contiguous parts for the workers; nothing is padded.
 
 Workers decode with libjpeg-turbo (``torchvision.io.decode_image``), resize uint8 with the
 antialiased bilinear filter (a triangle filter over the source footprint, as DALI's linear+antialias
-and PIL's BILINEAR), flip uint8, and batch. Float conversion happens in the workers when the output
-is on the CPU and on the GPU otherwise (uint8 is a quarter of the host-to-device traffic).
+and PIL's BILINEAR), flip uint8, and batch into shared memory. Batches cross to the main process and
+to the GPU as uint8, a quarter of the bytes of float32 (on this kind of machine the page faults of a
+fresh float32 batch in shared memory cost more than decoding it); the loader converts on the device.
 
 Resume: the k-th batch of an epoch always comes from logical worker k mod n as its (k div n)-th
 batch; a resumed epoch renumbers the workers so the DataLoader's round-robin continues at k, and
@@ -34,7 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import tarfile_samples
 
 from fdtrain.data import DataError
-from fdtrain.data.loader import IMAGE_EXTS, Loader, ShardSet, mix_seed, parse_label
+from fdtrain.data.loader import IMAGE_EXTS, Loader, ShardSet, index_count, mix_seed, parse_label, sample_key
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,21 +79,53 @@ class CorruptImage(DataError):
                    "set data.on_corrupt=skip to skip and count such samples", shard, key, reason)
 
 
-def tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar, in order; an unreadable tar names itself."""
+def tar_samples(url: str, index: str | None = None, first: int = 0, end: int | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """Raw samples [first, end) of one tar, in order; an unreadable tar names itself.
+
+    With the shard's DALI index each member is one seek and one read (its header is checked against
+    the index); parsing tar headers with Python's tarfile, as webdataset does, costs more CPU than
+    decoding the JPEG. Without an index, webdataset's reader.
+    """
     try:
-        yield from tarfile_samples([{"url": url}])
+        if index is not None:
+            yield from _indexed_samples(url, index, first, end)
+            return
+        for n, sample in enumerate(tarfile_samples([{"url": url}])):
+            if end is not None and n >= end:
+                return
+            if n >= first:
+                yield sample
     except DataError:
         raise
     except Exception as e:  # tarfile.ReadError, OSError, ...: webdataset does not say which file
         raise DataError(f"shard {url}: unreadable tar ({type(e).__name__}: {e})") from e
 
 
+def _indexed_samples(url: str, index: str, first: int, end: int | None) -> Iterator[dict[str, Any]]:
+    with open(index) as fh:
+        lines = fh.read().splitlines()[1:]
+    with open(url, "rb") as tar:
+        for line in lines[first:end]:
+            parts = line.split()
+            sample: dict[str, Any] = {"__url__": url}
+            for j in range(0, len(parts) - 3, 4):  # <ext> <data offset> <size> <member name>, per member
+                ext, offset, size, name = parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
+                tar.seek(offset - 512)
+                block = tar.read(512 + size)  # the member's header, then its data
+                if len(block) != 512 + size or not name.encode().endswith(block[:100].rstrip(b"\0")):
+                    raise DataError(f"shard {url}: member {name} is not where {index} says (stale index: "
+                                    "delete it, or rebuild the shard)")
+                sample[ext.lower()] = block[512:]
+            sample["__key__"] = sample_key(parts[3])
+            yield sample
+
+
 class _Batcher:
     """Collects decoded samples into batches; counts (or raises on) undecodable ones."""
 
-    def __init__(self, batch: int, normalize: bool, on_corrupt: str):
-        self.batch, self.normalize, self.on_corrupt = batch, normalize, on_corrupt
+    def __init__(self, batch: int, on_corrupt: str):
+        self.batch, self.on_corrupt = batch, on_corrupt
         self.items: list[tuple[torch.Tensor, float, str]] = []
         self.skipped: list[tuple[str, str, str]] = []
 
@@ -111,13 +144,7 @@ class _Batcher:
         if not self.items:
             return None
         imgs = [it[0] for it in self.items]
-        x = _batch_buffer((len(imgs), *imgs[0].shape), torch.float32 if self.normalize else torch.uint8)
-        if self.normalize:  # uint8 -> float in one pass per image, then (v / 127.5 - 1) in place
-            for i, img in enumerate(imgs):
-                torch.mul(img, 1.0 / 127.5, out=x[i])
-            x.sub_(1.0)
-        else:
-            torch.stack(imgs, out=x)
+        x = torch.stack(imgs, out=_batch_buffer((len(imgs), *imgs[0].shape), torch.uint8))
         out = {"x": x,
                "label": torch.tensor([it[1] for it in self.items], dtype=torch.float32),
                "key": [it[2] for it in self.items], "skipped": self.skipped}
@@ -146,12 +173,13 @@ def _worker() -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """One rank's training batches: node split, worker split, seeded shuffle buffer, endless."""
 
-    def __init__(self, urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batch: int, buffer: int,
-                 skip: int, flip_p: float, size: int, normalize: bool, on_corrupt: str):
+    def __init__(self, urls: list[tuple[str, str | None]], *, rank: int, world: int, epoch: int, seed: int,
+                 batch: int, buffer: int,
+                 skip: int, flip_p: float, size: int, on_corrupt: str):
         super().__init__()
         self.urls, self.rank, self.world, self.epoch, self.seed = urls, rank, world, epoch, seed
         self.batch, self.buffer, self.skip, self.flip_p, self.size = batch, buffer, skip, flip_p, size
-        self.normalize, self.on_corrupt = normalize, on_corrupt
+        self.on_corrupt = on_corrupt
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
@@ -166,7 +194,7 @@ class TrainStream(IterableDataset):
         order_rng, shuffle_rng = random.Random(mix_seed(*ids, 1)), random.Random(mix_seed(*ids, 2))
         flip_rng = random.Random(mix_seed(*ids, 3))
         samples = wds.shuffle(self.buffer, initial=self.buffer, rng=shuffle_rng)(self._endless(mine, order_rng))
-        batcher = _Batcher(self.batch, self.normalize, self.on_corrupt)
+        batcher = _Batcher(self.batch, self.on_corrupt)
         for i, sample in enumerate(samples):
             flip = flip_rng.random() < self.flip_p  # drawn for skipped samples too: resume stays exact
             if i < done * self.batch:
@@ -176,36 +204,34 @@ class TrainStream(IterableDataset):
                 yield out
 
     @staticmethod
-    def _endless(urls: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _endless(urls: list[tuple[str, str | None]], rng: random.Random) -> Iterator[dict[str, Any]]:
         while True:
             order = list(urls)
             rng.shuffle(order)
-            for url in order:
-                yield from tar_samples(url)
+            for url, index in order:
+                yield from tar_samples(url, index)
 
 
 class EvalStream(IterableDataset):
     """One rank's evaluation samples, in order: worker w reads the w-th contiguous part of the range."""
 
-    def __init__(self, shards: ShardSet, parts: list[tuple[int, int]], *, batch: int, size: int, normalize: bool,
-                 on_corrupt: str):
+    def __init__(self, shards: ShardSet, indexes: list[str | None], parts: list[tuple[int, int]], *, batch: int,
+                 size: int, on_corrupt: str):
         super().__init__()
-        self.shards, self.parts, self.batch, self.size = shards, parts, batch, size
-        self.normalize, self.on_corrupt = normalize, on_corrupt
+        self.shards, self.indexes, self.parts = shards, indexes, parts
+        self.batch, self.size, self.on_corrupt = batch, size, on_corrupt
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
-        batcher = _Batcher(self.batch, self.normalize, self.on_corrupt)
+        batcher = _Batcher(self.batch, self.on_corrupt)
         for part in self.parts[wid::nw]:
             for i, first, end in self.shards.pieces(*part):
-                url, n = str(self.shards.tars[i]), 0
-                for n, sample in enumerate(tar_samples(url), 1):
-                    if n > first:
-                        out = batcher.add(sample, self.size, False)
-                        if out is not None:
-                            yield out
-                    if n == end:
-                        break
+                url, n = str(self.shards.tars[i]), first
+                for sample in tar_samples(url, self.indexes[i], first, end):
+                    n += 1
+                    out = batcher.add(sample, self.size, False)
+                    if out is not None:
+                        yield out
                 if n < end:
                     raise DataError(f"shard {url}: holds {n} samples, manifest.json says {self.shards.counts[i]}")
         out = batcher.flush()
@@ -225,10 +251,14 @@ class TorchLoader(Loader):
         super().__init__(cfg, shards, **kw)
         self.num_workers = cfg.data.num_workers
         self.pin = bool(cfg.data.pin_memory and self.device.type == "cuda")
-        self.normalize_in_worker = self.device.type != "cuda"
+        # DALI index files that match the manifest make reading cheap (see tar_samples); optional here
+        self.indexes = [str(i) if i.is_file() and index_count(i) == c else None
+                        for i, c in zip(shards.indexes, shards.counts)]
 
     def describe(self) -> str:
-        return f"{self.num_workers} workers, prefetch {self.cfg.data.prefetch}, pinned={self.pin}"
+        indexed = sum(i is not None for i in self.indexes)
+        return (f"{self.num_workers} workers, prefetch {self.cfg.data.prefetch}, pinned={self.pin}, "
+                f"{indexed}/{len(self.indexes)} shards read through their index")
 
     def _eval_parts(self) -> list[tuple[int, int]]:
         lo, hi = self.shards.rank_range(self.rank, self.world_size)
@@ -242,14 +272,14 @@ class TorchLoader(Loader):
         d = self.cfg.data
         if self.train:
             ds: IterableDataset = TrainStream(
-                [str(t) for t in self.shards.tars], rank=self.rank, world=self.world_size, epoch=epoch,
-                seed=self.seed, batch=self.batch_size, buffer=d.shuffle_buffer, skip=skip, flip_p=d.flip_p,
-                size=self.size, normalize=self.normalize_in_worker, on_corrupt=d.on_corrupt)
+                [(str(t), i) for t, i in zip(self.shards.tars, self.indexes)], rank=self.rank,
+                world=self.world_size, epoch=epoch, seed=self.seed, batch=self.batch_size, buffer=d.shuffle_buffer,
+                skip=skip, flip_p=d.flip_p, size=self.size, on_corrupt=d.on_corrupt)
             workers = d.num_workers
         else:
             parts = self._eval_parts()
-            ds = EvalStream(self.shards, parts, batch=self.batch_size, size=self.size,
-                            normalize=self.normalize_in_worker, on_corrupt=d.on_corrupt)
+            ds = EvalStream(self.shards, self.indexes, parts, batch=self.batch_size, size=self.size,
+                            on_corrupt=d.on_corrupt)
             workers = len(parts) if d.num_workers else 0
         dl = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.pin,
                         prefetch_factor=d.prefetch if workers else None)
