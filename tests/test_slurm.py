@@ -77,11 +77,11 @@ def _tiny_overrides(shards: Path, out_dir: Path, name: str, max_steps: int) -> l
     ]
 
 
-def _submit(env: dict, log: Path, args: list[str]) -> str:
-    job_env = {**env, "FDTRAIN_CPU": "1", "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+def _submit(env: dict, log: Path, args: list[str], script: str = "slurm/train.sbatch", **extra_env) -> str:
+    """sbatch in the CPU test mode: no GPU asked for, 2 CPUs, the test's python."""
+    job_env = {**env, "FDTRAIN_CPU": "1", "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra_env}
     out = _run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=20",
-                "--job-name=fdtrain-test", f"--output={log}", "slurm/train.sbatch", "recipes/demo.yaml", *args],
-               env=job_env)
+                "--job-name=fdtrain-test", f"--output={log}", script, *args], env=job_env)
     return out.strip().split(";")[0]
 
 
@@ -123,23 +123,37 @@ def _wait(env: dict, job: str, log: Path, timeout: float, until=None) -> dict[st
     raise AssertionError(f"job {job} not done after {timeout:.0f} s; log:\n{log.read_text()[-4000:]}")
 
 
-def test_train_sbatch_runs_two_cpu_ranks(slurm_env, shards, tmp_path):
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_train_sbatch_runs_two_cpu_ranks(slurm_env, shards, tmp_path, launcher):
     log = tmp_path / "job.out"
-    job = _submit(slurm_env, log, _tiny_overrides(shards, tmp_path / "runs", "slurm_plain", max_steps=3))
+    args = ["recipes/demo.yaml", *_tiny_overrides(shards, tmp_path / "runs", "slurm_plain", max_steps=3)]
+    job = _submit(slurm_env, log, args, FDTRAIN_LAUNCHER=launcher)
     rec = _wait(slurm_env, job, log, timeout=600)
     text = log.read_text()
     assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
-    assert "2 process(es)" in text and "on 2 x cpu" in text, "expected one launcher starting 2 CPU ranks"
+    launched = {"accelerate": "-m accelerate.commands.launch", "torchrun": "-m torch.distributed.run"}[launcher]
+    assert launched in text and "2 process(es)" in text and "on 2 x cpu" in text, "expected 2 CPU ranks"
     run = tmp_path / "runs" / "slurm_plain"
     assert (run / "config.yaml").is_file() and any((run / "checkpoints").iterdir())
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert "in_domain" in json.dumps(metrics) and "NeuralTextures" in json.dumps(metrics)
+    metrics = json.dumps(json.loads((run / "metrics.json").read_text()))
+    assert "in_domain" in metrics and "NeuralTextures" in metrics
+    if launcher != "accelerate":
+        return
+    # slurm/eval.sbatch on the run just trained
+    elog, out = tmp_path / "eval.out", tmp_path / "eval.json"
+    job = _submit(slurm_env, elog, ["--checkpoint", str(run), "--data", f"{shards}/test_NeuralTextures",
+                                    "--out", str(out)], script="slurm/eval.sbatch")
+    rec = _wait(slurm_env, job, elog, timeout=300)
+    assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), elog.read_text()[-4000:]
+    result = json.loads(out.read_text())
+    assert '"auc"' in json.dumps(result) and '"video"' in json.dumps(result)
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, tmp_path):
     log = tmp_path / "job.out"
     steps = 12
-    job = _submit(slurm_env, log, _tiny_overrides(shards, tmp_path / "runs", "slurm_requeue", max_steps=steps))
+    args = ["recipes/demo.yaml", *_tiny_overrides(shards, tmp_path / "runs", "slurm_requeue", max_steps=steps)]
+    job = _submit(slurm_env, log, args)
     # Wait for the first optimizer step, then deliver what --signal=B:USR1@120 delivers: SIGUSR1 to
     # the batch shell only.
     _wait(slurm_env, job, log, timeout=600, until=lambda t: re.search(r"^step \d+/", t, re.M) is not None)
