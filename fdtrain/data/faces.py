@@ -3,7 +3,8 @@
 Detectors are pluggable (``make_detector(spec)``):
 
 - ``dlib`` (default): dlib's frontal-face HOG detector from the ``dlib-bin`` wheel; its weights are
-  inside the package, nothing is downloaded. Options after a colon, e.g. ``dlib:upsample=1,max_side=480,retry_upsample=0``.
+  inside the package, nothing is downloaded. Options after a colon, e.g.
+  ``dlib:upsample=1,max_side=480,retry_upsample=0``.
   OpenCV was the other candidate; OpenCV 5 no longer ships the Haar cascades and its YuNet needs
   a model file no package carries, so dlib it is.
 - ``boxes:FILE.json``: precomputed boxes, ``{video key or source path: {frame: [x1, y1, x2, y2(, score)]}}``
