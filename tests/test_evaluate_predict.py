@@ -73,7 +73,7 @@ def test_predict_images_scores_match_the_loader_path(trained, tmp_path):
     expected = _scores_by_key(run_dir, data)
     for r in recs:
         assert r["kind"] == "image" and r["label"] in ("real", "fake")
-        assert r["score"] == pytest.approx(expected[files[r["path"]]], abs=2e-3)  # PIL vs DALI JPEG decode
+        assert r["score"] == pytest.approx(expected[files[r["path"]]], abs=1e-4)  # PIL vs DALI JPEG decode
 
 
 def test_predict_video_crops_faces_and_averages_frames(trained, tmp_path):

@@ -47,13 +47,18 @@ def expand_inputs(paths: list[str]) -> list[Path]:
 
 
 def to_input(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """HxWx3 uint8 -> (3,S,S) float in [-1,1]: bilinear (antialiased) resize, then (x/255-0.5)/0.5,
-    the loaders' normalisation."""
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().unsqueeze(0)  # (1,3,H,W)
-    if t.shape[-2:] != (size, size):
-        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
-                                            antialias=True)
-    return ((t / 255.0 - 0.5) / 0.5).clamp(-1, 1)[0]
+    """HxWx3 uint8 -> (3,S,S) float in [-1,1], as the loaders do it: uint8 antialiased bilinear
+    resize (the PyTorch fallback's call; DALI's linear+antialias is the same filter), then
+    (v/255 - 0.5)/0.5."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from fdtrain.data.loader import normalize_uint8
+
+    img = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # (3,H,W), a writable copy
+    if img.shape[-2:] != (size, size):
+        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return normalize_uint8(img)
 
 
 class Predictor:
