@@ -3,8 +3,10 @@
 One parameter, the decoder device, separates the GPU graph ("mixed": nvJPEG, everything after it on
 the GPU) from the CPU graph ("cpu", ``device_id=None``); the graph is otherwise identical. The
 pipeline is rebuilt each epoch with seed ``run.seed + epoch`` so an epoch's order depends only on
-(seed, epoch, rank) and a resumed run replays it exactly. The noisy view X~ is added after DALI, on
-the output device, by the code shared with the fallback (``loader.add_gated_noise``).
+(seed, epoch, rank) and a resumed run replays it exactly (DALI readers cannot seek: the consumed
+batches of the epoch are run again, at the pipeline's speed, before the first new one). The noisy
+view X~ is added after DALI, on the output device, by the code shared with the fallback
+(``loader.add_gated_noise``).
 
 Decoder failures surface as a ``RuntimeError`` from DALI that does not always name the sample, so
 the batches in flight are replayed through a reader-only pipeline (same seed, same order) and each

@@ -16,6 +16,7 @@ fresh float32 batch in shared memory cost more than decoding it); the loader con
 Resume: the k-th batch of an epoch always comes from logical worker k mod n as its (k div n)-th
 batch; a resumed epoch renumbers the workers so the DataLoader's round-robin continues at k, and
 each worker drops the raw samples of its batches already consumed before decoding anything.
+(With ``data.on_corrupt=skip``, samples skipped before the resume point shift it by that many.)
 """
 from __future__ import annotations
 
