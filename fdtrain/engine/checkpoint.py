@@ -101,7 +101,8 @@ def consolidate_deepspeed(ds_dir: str | os.PathLike, tag: str = DS_TAG) -> dict[
     """A plain fp32 state dict from a DeepSpeed ZeRO (1-3) checkpoint folder (offline, one process)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    return {k: v.detach() for k, v in sd.items()}  # its parameters come back with requires_grad
 
 
 # --------------------------------------------------------------------------------------------
