@@ -124,3 +124,13 @@ def test_grad_accumulation_and_test_set_selection_label(small_data, tmp_path):
     assert m["final_step"] == 3
     assert m["selection"]["selected_on"] == "test:test" and "optimistic" in m["selection"]["note"]
     assert Path(ck.best_checkpoint(tmp_path / "acc" / "checkpoints")).name == "step-00000003"
+
+
+def test_bf16_autocast_trains_and_saves_fp32_weights(small_data, tmp_path):
+    cfg = resolve(None, U.overrides(small_data, tmp_path, "bf16", **{
+        "train.max_steps": 2, "train.mixed_precision": "bf16", "data.val": "", "data.test": {},
+        "logging.every_steps": 1}))
+    assert _in_process(cfg) == 0
+    sd = U.load_state_dict(ck.newest_checkpoint(tmp_path / "bf16" / "checkpoints"))
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in sd.values())

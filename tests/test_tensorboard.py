@@ -55,3 +55,18 @@ def test_event_files_hold_scalars_images_text_and_hparams(tmp_path_factory):
     assert set(ea.PluginTagToContent("hparams")) == {
         "_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
     assert any(t.startswith("hparam/test/frame/auc") for t in tags["scalars"])
+
+
+def test_plain_progress_lines_when_not_a_terminal(capsys):
+    from fdtrain.engine.tblog import Progress
+
+    p = Progress(total_steps=10, start_step=0, mode="auto", enabled=True)  # pytest's stderr is no tty
+    p.update(5, {"loss/total": 0.5, "lr": 1e-4, "images_per_sec": 12.0, "data_wait_share": 0.02})
+    p.write("hello")
+    p.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 5/10 loss 0.5000 lr 1.000e-04 img/s 12.0 data_wait 2.0% eta ")
+    assert out[1] == "hello"
+    quiet = Progress(total_steps=10, start_step=0, mode="bar", enabled=False)  # ranks > 0
+    quiet.update(1, {})
+    assert capsys.readouterr().out == ""

@@ -189,7 +189,7 @@ class Checkpointer:
             # the fp32 master weights from the partitions just written (the module may hold bf16)
             sd = consolidate_deepspeed(tmp / "deepspeed")
         else:
-            sd = self.acc.unwrap_model(model).state_dict()
+            sd = self.acc.unwrap_model(model, keep_torch_compile=False).state_dict()
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in sd.items()}
 
     def mark_best(self, path: Path, info: dict) -> None:
@@ -236,7 +236,7 @@ class Checkpointer:
                                   load_lr_scheduler_states=False)
         else:
             blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-            self.acc.unwrap_model(model).load_state_dict(blob["state_dict"])
+            self.acc.unwrap_model(model, keep_torch_compile=False).load_state_dict(blob["state_dict"])
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler = getattr(self.acc, "scaler", None)

@@ -457,7 +457,7 @@ class Trainer:
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
         else:
             blob = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-            self.acc.unwrap_model(self.model).load_state_dict(blob["state_dict"])
+            self.acc.unwrap_model(self.model, keep_torch_compile=False).load_state_dict(blob["state_dict"])
 
     # ---- misc --------------------------------------------------------------------------------
     def _say(self, text: str) -> None:
