@@ -168,6 +168,22 @@ def test_every_variant_trains_and_predicts(over):
     assert logits.shape == (4,) and torch.isfinite(logits).all()
 
 
+def test_channels_last_is_only_a_layout():
+    torch.manual_seed(0)
+    nhwc = create_model()
+    nchw = create_model(channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.encoder.conv1.weight.is_contiguous()
+    x, _, y = batch()
+    for m in (nhwc, nchw):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-4, atol=1e-5)
+        a, b = nhwc(x, x, y), nchw(x, x, y)
+    torch.testing.assert_close(a.recon_fake, b.recon_fake, rtol=1e-4, atol=1e-5)
+
+
 def test_interaction_modes():
     torch.manual_seed(0)
     feats = [torch.randn(2, 8, 3, 3) for _ in range(3)]

@@ -4,7 +4,9 @@ Runs timm legacy_xception (the baseline), FakeDiffer ``forward: fused`` and ``fo
 at the same batch and input size in one process, one training step each in turn (round robin),
 so a machine shared with other work slows all of them alike and the ratios stay meaningful.
 Reports the median step time per model, images/s, and time ratios to the baseline; prints a
-table and one JSON line, and writes the JSON to ``--json PATH`` when asked.
+table and one JSON line, and writes the JSON to ``--json PATH`` when asked. On the CPU it also
+reports process CPU time per step, which other processes on a shared machine disturb far less than
+wall time (run with ``--threads 1`` for the steadiest figures).
 
 No torch import at module level: ``fdtrain --help`` stays instant.
 """
@@ -29,7 +31,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype (bf16 on a CPU without AMX is ~10x slower than fp32)")
     p.add_argument("--models", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (xception is the baseline)")
-    p.add_argument("--channels-last", action="store_true", help="run models and inputs in channels_last")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
+                   help="model.channels_last for every model (inputs arrive NCHW, as from the loaders)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", default="", help="also write the JSON result to PATH")
@@ -42,12 +45,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build(name: str, size: int):
+def _build(name: str, size: int, channels_last: bool):
     from fdtrain.models import create_model
 
     if name == "xception":
-        return create_model(variant="xception", input_size=size)
-    return create_model(variant="fakediffer", forward=name, input_size=size)
+        return create_model(variant="xception", input_size=size, channels_last=channels_last)
+    return create_model(variant="fakediffer", forward=name, input_size=size, channels_last=channels_last)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -71,31 +74,34 @@ def run_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels, for every model alike
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
     torch.manual_seed(args.seed)
     b, s = args.batch_size, args.size
-    x = (torch.rand(b, 3, s, s, device=device) * 2 - 1).contiguous(memory_format=fmt)
-    x_noisy = (x + 1e-3 * torch.randn_like(x)).clamp(-1, 1).contiguous(memory_format=fmt)
+    x = torch.rand(b, 3, s, s, device=device) * 2 - 1
+    x_noisy = (x + 1e-3 * torch.randn_like(x)).clamp(-1, 1)
     labels = (torch.arange(b, device=device) % 2).float()  # half real, half fake
     loss_fn = FakeDifferLoss()
-    models = {n: _build(n, s).to(device=device, memory_format=fmt).train() for n in names}
+    channels_last = args.memory_format == "channels_last"
+    models = {n: _build(n, s, channels_last).to(device).train() for n in names}
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
 
-    def step(name: str) -> float:
+    def step(name: str) -> tuple[float, float]:
         model = models[name]
         model.zero_grad(set_to_none=True)
         _sync(device)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(x, x_noisy, labels)
             loss = loss_fn(out, x, labels)["total"]
         loss.backward()
         _sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu_times: dict[str, list[float]] = {n: [] for n in names}
     total = (args.warmup + args.steps) * len(names)
     try:
         from tqdm import tqdm
@@ -105,9 +111,10 @@ def run_bench(args: argparse.Namespace) -> int:
         bar = None
     for i in range(args.warmup + args.steps):
         for n in names:  # round robin: background load hits every model alike
-            dt = step(n)
+            dt, dc = step(n)
             if i >= args.warmup:
                 times[n].append(dt)
+                cpu_times[n].append(dc)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -115,32 +122,44 @@ def run_bench(args: argparse.Namespace) -> int:
 
     base = "xception" if "xception" in names else None
     med = {n: statistics.median(t) for n, t in times.items()}
+    cpu = {n: statistics.median(t) for n, t in cpu_times.items()}
     results = {n: {"step_s": med[n], "images_per_s": b / med[n], "params": params[n],
                    "step_s_all": [round(t, 5) for t in times[n]]} for n in names}
-    ratios = {}
-    if base:
+    if device.type == "cpu":
         for n in names:
-            if n != base:
-                ratios[f"{n}_vs_xception"] = med[n] / med[base]
+            results[n]["cpu_s"] = cpu[n]
+    ratios, cpu_ratios = {}, {}
+    pairs = [(n, base) for n in names if base and n != base]
     if "fused" in names and "two_pass" in names:
-        ratios["two_pass_vs_fused"] = med["two_pass"] / med["fused"]
+        pairs.append(("two_pass", "fused"))
+    for n, ref in pairs:
+        ratios[f"{n}_vs_{ref}"] = med[n] / med[ref]
+        cpu_ratios[f"{n}_vs_{ref}"] = cpu[n] / cpu[ref]
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads)")
     result = {
         "bench": "model", "device": device_name, "precision": args.precision, "batch_size": b, "size": s,
-        "steps": args.steps, "warmup": args.warmup, "channels_last": bool(args.channels_last),
+        "steps": args.steps, "warmup": args.warmup, "memory_format": args.memory_format,
         "torch": torch.__version__, "results": results, "time_ratios": ratios,
     }
+    if device.type == "cpu":
+        result["cpu_time_ratios"] = cpu_ratios
 
     print(f"fdtrain bench model: forward+backward, batch {b}, {s}x{s}, {args.precision}, {device_name}, "
           f"median of {args.steps} steps")
-    print(f"{'model':<12} {'params':>8} {'step ms':>10} {'images/s':>10} {'time vs xception':>17}")
+    on_cpu = device.type == "cpu"
+    print(f"{'model':<12} {'params':>8} {'step ms':>10} {'images/s':>10} {'time vs xception':>17}"
+          + (f" {'cpu ms':>10} {'cpu vs xception':>16}" if on_cpu else ""))
     for n in names:
         r = results[n]
         ratio = f"{med[n] / med[base]:.2f}x" if base else "-"
-        print(f"{n:<12} {r['params'] / 1e6:>7.2f}M {r['step_s'] * 1e3:>10.1f} {r['images_per_s']:>10.2f} {ratio:>17}")
+        line = f"{n:<12} {r['params'] / 1e6:>7.2f}M {r['step_s'] * 1e3:>10.1f} {r['images_per_s']:>10.2f} {ratio:>17}"
+        if on_cpu:
+            line += f" {cpu[n] * 1e3:>10.1f} {(f'{cpu[n] / cpu[base]:.2f}x' if base else '-'):>16}"
+        print(line)
     if "two_pass_vs_fused" in ratios:
-        print(f"two_pass / fused: {ratios['two_pass_vs_fused']:.2f}x")
+        print(f"two_pass / fused: {ratios['two_pass_vs_fused']:.2f}x"
+              + (f" (cpu time {cpu_ratios['two_pass_vs_fused']:.2f}x)" if on_cpu else ""))
     line = json.dumps(result)
     print(line)
     if args.json:

@@ -152,6 +152,7 @@ class FakeDiffer(nn.Module):
         fusion: str = "select",
         sources: tuple[str, ...] | list[str] = SOURCES,
         fusion_reduction: int = 8,
+        channels_last: bool = True,
     ):
         super().__init__()
         if variant not in ("fakediffer", "dual_recons"):
@@ -183,6 +184,11 @@ class FakeDiffer(nn.Module):
         self.head_dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(parts.out_channels, 1)
 
+        # NHWC: the depthwise convs at high resolution (entry flow, decoders) run far faster on
+        # oneDNN; inputs are converted in forward, so callers may pass plain NCHW batches.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+
     # -- eq. 1 ---------------------------------------------------------------------------------
     def encode(self, x_noisy: Tensor) -> Tensor:
         return self.encoder_dropout(self.encoder(x_noisy))  # (B,728,19,19) M
@@ -195,12 +201,9 @@ class FakeDiffer(nn.Module):
     # -- eqs. 4-5 ------------------------------------------------------------------------------
     def error_maps(self, x: Tensor, recons: list[Tensor]) -> list[Tensor]:
         f = self.error_encoder if self.error_encoder is not None else self.encoder
-        residuals = [(r - x).abs() for r in recons]  # (B,3,299,299) each, against the clean X
-        if len(residuals) > 1 and not self.training:
-            # One batched pass: identical in eval mode (BN uses running stats), fewer kernel launches.
-            # Training keeps separate passes so BN batch statistics match the released code.
-            return list(f(torch.cat(residuals)).chunk(len(residuals)))  # (B,728,19,19) each
-        return [f(r) for r in residuals]  # (B,728,19,19) each, E_r / E_f
+        # One pass per map, not one on the concatenated maps: in training, BN batch statistics then
+        # match the released code, and on the CPU the doubled batch measured 25% slower, not faster.
+        return [f((r - x).abs()) for r in recons]  # (B,728,19,19) each, E_r / E_f from |X^ - X|
 
     def _errors_for(self, x: Tensor, recon: dict[str, Tensor]) -> dict[str, Tensor]:
         """Error maps of the fused sources only ("real" -> E_r, "fake" -> E_f)."""
@@ -220,9 +223,10 @@ class FakeDiffer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+        x = x.contiguous(memory_format=self.memory_format)
         if labels is None:
             return self._forward_inference(x)
-        x_noisy = x if x_noisy is None else x_noisy
+        x_noisy = x if x_noisy is None else x_noisy.contiguous(memory_format=self.memory_format)
         if self.forward_mode == "two_pass":
             return self._forward_two_pass(x, x_noisy, labels)
         return self._forward_fused(x, x_noisy)
@@ -288,12 +292,17 @@ class XceptionClassifier(nn.Module):
     """
 
     def __init__(self, *, backbone: str = "legacy_xception", pretrained: bool = False, pretrained_path: str = "",
-                 input_size: int = 299, dropout: float = 0.2, **_ignored):
+                 input_size: int = 299, dropout: float = 0.2, channels_last: bool = True, **_ignored):
         super().__init__()
         self.variant, self.input_size, self.sources = "xception", input_size, ()
         self.net = create_backbone(backbone, pretrained, pretrained_path, drop_rate=dropout)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+        x = x.contiguous(memory_format=self.memory_format)
+        if x_noisy is not None:
+            x_noisy = x_noisy.contiguous(memory_format=self.memory_format)
         if labels is None:
             return self.net(x).squeeze(1)  # (B,)
         return FakeDifferOutput(logit=self.net(x if x_noisy is None else x_noisy).squeeze(1))
