@@ -67,6 +67,7 @@ class ModelConfig:
         "select", "select: code (default); residual: paper eq. 7; add: Table 5 ablation")
     sources: list[str] = f(["inva", "real", "fake"], "fused sources, non-empty subset of inva/real/fake")
     fusion_reduction: int = f(8, "channel reduction of the fusion MLP (728 -> 91)")
+    channels_last: bool = f(True, "weights and activations in channels_last memory (CPU: ~25% faster steps)")
 
 
 @dataclass
