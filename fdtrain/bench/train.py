@@ -96,12 +96,11 @@ def _measure(cfg, args: argparse.Namespace) -> int:
 
     trainer.loader.set_epoch(0)
     trainer.model.train()
-    n = args.warmup + args.steps
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * n, desc="bench train", unit="step", file=sys.stderr, leave=False,
-                   disable=not acc.is_main_process)
+        bar = tqdm(total=3 * args.warmup + 2 * args.steps + (args.steps == 1), desc="bench train", unit="step",
+                   file=sys.stderr, leave=False, disable=not acc.is_main_process)
     except ImportError:  # pragma: no cover - tqdm is a core dependency
         bar = None
 
@@ -113,35 +112,34 @@ def _measure(cfg, args: argparse.Namespace) -> int:
             yield from trainer.loader
             epoch += 1
 
-    # end to end: the loader feeds every step
     it = batches()
-    wait, t_start = 0.0, None
-    first = None
-    for i in range(n):
-        if i == args.warmup:
-            sync()
-            t_start, wait = time.perf_counter(), 0.0
-        t0 = time.perf_counter()
-        batch = next(it)
-        wait += time.perf_counter() - t0
-        first = first or batch
-        trainer.train_step(batch)
-        if bar is not None:
-            bar.update(1)
-    sync()
-    e2e_time = time.perf_counter() - t_start
-    del it
+    first = next(it)
 
-    # compute only: one batch, already on the device, repeated
-    for i in range(n):
-        if i == args.warmup:
+    def timed(steps: int, feed) -> tuple[float, float]:
+        """(seconds, seconds in next()) over ``steps`` steps after ``args.warmup`` untimed ones."""
+        total = waited = 0.0
+        for i in range(args.warmup + steps):
             sync()
-            t_start = time.perf_counter()
-        trainer.train_step(first)
-        if bar is not None:
-            bar.update(1)
-    sync()
-    compute_time = time.perf_counter() - t_start
+            t0 = time.perf_counter()
+            batch = feed()
+            t1 = time.perf_counter()
+            trainer.train_step(batch)
+            sync()
+            if i >= args.warmup:
+                total, waited = total + time.perf_counter() - t0, waited + t1 - t0
+            if bar is not None:
+                bar.update(1)
+        return total, waited
+
+    # Compute only (the first batch again, already on the device) brackets end to end, half before
+    # and half after, so a machine whose load drifts skews the ratio less. The end-to-end warmup
+    # steps eat the batches the loader prefetched meanwhile, so they cannot hide data wait.
+    half = max(1, args.steps // 2)
+    c1, _ = timed(half, lambda: first)
+    e2e_time, wait = timed(args.steps, lambda: next(it))
+    c2, _ = timed(args.steps - half or 1, lambda: first)
+    compute_time = (c1 + c2) * args.steps / (half + (args.steps - half or 1))
+    it.close()
     if bar is not None:
         bar.close()
     trainer.close()
