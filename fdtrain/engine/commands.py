@@ -28,7 +28,13 @@ def run_train(args: argparse.Namespace) -> int:
             print("fdtrain train: the training engine is not built yet; the recipe resolved fine.", file=sys.stderr)
             return 2
         raise
-    return train(cfg)
+    from fdtrain.data import DataError
+
+    try:
+        return train(cfg)
+    except DataError as e:  # shards missing, empty, damaged: the message names the folder/shard/key
+        print(f"fdtrain train: data error: {e}", file=sys.stderr)
+        return 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,13 +55,14 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from fdtrain.data import DataError
     from fdtrain.engine.evaluate import evaluate_checkpoint, format_table, write_json
 
     try:
         report = evaluate_checkpoint(args.checkpoint, args.data, name=args.name, batch_size=args.batch_size,
                                      backend=args.backend, device=args.device, max_batches=args.max_batches,
                                      threshold=args.threshold)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DataError) as e:
         print(f"fdtrain evaluate: {e}", file=sys.stderr)
         return 2
     if report.pop("is_main_process"):

@@ -81,7 +81,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken (= scheduler steps)
         self.epoch = 0  # epochs completed
         self.nonfinite = 0  # optimizer steps skipped for a non-finite loss or gradient
-        self.best: dict[str, Any] | None = None  # {"value", "step", "checkpoint"}
+        self.best: dict[str, Any] | None = None  # {"value", "step"} of the best evaluation so far
         self.last_metrics: dict[str, Any] = {}
         self._micro_start = 0  # micro-batches of the current epoch already consumed (resume)
         self.on_batch: Callable[[int, dict], None] | None = None  # test hook: (step about to run, batch)
