@@ -64,6 +64,11 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        if self.deepspeed and not all(p.is_contiguous() for p in model.parameters()):
+            # DeepSpeed broadcasts and flattens parameters as contiguous byte buffers; channels_last
+            # conv weights (model.channels_last) are refused there, so they go back to NCHW.
+            log.info("DeepSpeed: conv weights in contiguous (NCHW) memory format")
+            model = model.to(memory_format=torch.contiguous_format)
         if cfg.train.compile:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
