@@ -14,7 +14,7 @@ from fdtrain.data.sources import SOURCES
 DEFAULT_FRAMES = {"synth": "all"}  # every other source: 32
 # `fdtrain synth` defaults: sized so that synth + shards + a short CPU training + evaluation of the
 # demo take about 10 minutes on 2 cores (fdtrain.data.synth uses the same values).
-SYNTH_DEFAULTS = {"videos": 48, "frames": 6, "size": 128, "seed": 42}
+SYNTH_DEFAULTS = {"videos": 72, "frames": 4, "size": 128, "seed": 42}
 
 
 def _csv(text: str) -> tuple[str, ...]:

@@ -4,18 +4,20 @@ Procedural faces stand in for FaceForensics++ so that every protocol runs on a C
 Everything follows from the seed. An identity is a face drawn from its own parameters (skin tone
 and texture, face shape, hair, eyes, brows, nose, mouth); its "video" is a few frames of that face
 in a scene (background, light, head pose) with small motion (translation, scale, roll jitter),
-changing expression (mouth, blinks) and camera noise. Identities are split train/val/test
-(72/14/14 like FF++) and paired inside their split; pair [a, b] gives the fakes a_b (target a's
-video, source b) and b_a, as in FF++. Four manipulations leave different traces:
+changing expression (mouth, blinks) and camera noise. Identities are split train/val/test about
+2/3, 1/6, 1/6 (FF++ has 72/14/14; a small test set needs the extra identities for a steady AUC)
+and paired inside their split; pair [a, b] gives the fakes a_b (target a's video, source b) and
+b_a, as in FF++. Four manipulations leave different traces:
 
 - Deepfakes: b's inner face, rendered at a's pose, decoded at low resolution (blurred) and blended
   into a's frame with a soft elliptical mask: a blend seam where the skin tones differ.
-- Face2Face: a's own face, its mouth (or eyes) region warped by a smooth displacement field and
-  resampled (a local geometric warp and a little blur); identity unchanged.
+- Face2Face: a's own face driven by another expression, its lower face warped around the mouth by
+  a smooth displacement field and re-rendered smoother than the camera's image; identity unchanged.
 - FaceSwap: b's inner face pasted sharp, with a colour gain and an illumination gradient that do
   not match a's scene (colour/illumination mismatch in the blended region).
-- NeuralTextures: a's lower face re-synthesised: smoothed, plus a faint periodic pattern (a
-  frequency signature like upsampling artefacts).
+- NeuralTextures: a's lower face re-synthesised with a periodic texture (a frequency signature
+  like the grid an upsampling network leaves); no smoothing, no colour change, no warp, so a
+  detector that learnt the other three has nothing of this one to go on.
 
 Written as PNG face crops in an FF++ tree (``original_sequences/youtube/raw/frames/<id>/0000.png``,
 ``manipulated_sequences/<Method>/raw/frames/<a>_<b>/``, ``splits/{train,val,test}.json``) plus
@@ -74,7 +76,7 @@ def make_scene(seed: int, i: int, frames: int, size: int) -> dict:
     from scipy.ndimage import map_coordinates
 
     r = _rng(seed, "video", i)
-    bg = r.normal(0, 1, (8, 8, 3)) * r.uniform(15, 40) + r.uniform(40, 215, 3)
+    bg = r.normal(0, 1, (8, 8, 3)) * r.uniform(4, 12) + r.uniform(60, 190, 3)
     grid = np.mgrid[0:size, 0:size].astype(np.float32) / size * 7
     steps = r.normal(0, 1, (frames, 4)) * [0.9, 0.9, 0.01, 0.012]  # px, px, scale, radians per frame
     track = np.cumsum(steps, axis=0) + [r.normal(0, 2.5), r.normal(0, 2.5), r.uniform(0.95, 1.07), r.normal(0, 0.07)]
@@ -257,14 +259,19 @@ def _resample_down_up(img: np.ndarray, factor: float) -> np.ndarray:
 
 
 def fake_params(method: str, r: np.random.Generator) -> dict:
-    """Per-video settings of a manipulation; ``strength`` in [0.25, 1] scales its trace."""
-    p = {"strength": float(r.uniform(0.25, 1.0))}
+    """Per-video settings of a manipulation; ``strength`` in [0.6, 1] scales its trace."""
+    p = {"strength": float(r.uniform(0.6, 1.0))}
     if method == "Face2Face":
-        p.update(on_eyes=bool(r.uniform() < 0.3), sign=float(r.choice([-1, 1])))
+        tone = r.normal(0, 1, 3)
+        p.update(sign=float(r.choice([-1, 1])), tone=tone / np.linalg.norm(tone))
     elif method == "FaceSwap":
-        p.update(gain=r.normal(0, 1, 3).clip(-2, 2), tilt=r.normal(0, 1, 2))
+        # random directions of unit length: the strength alone sets how far off the colour and light are
+        gain, tilt = r.normal(0, 1, 3), r.normal(0, 1, 2)
+        p.update(gain=gain / np.linalg.norm(gain) * math.sqrt(3), tilt=tilt / np.linalg.norm(tilt),
+                 rim=float(r.choice([-1, 1])))
     elif method == "NeuralTextures":
-        p.update(period=float(r.choice([3.0, 4.0])), angle=float(r.uniform(0, math.pi)))
+        # periods that survive the loader's resize to ~96-128 px (a 2-3 px pattern would be filtered out)
+        p.update(period=float(r.choice([5.0, 6.0, 7.0])), angle=float(r.uniform(0, math.pi)))
     return p
 
 
@@ -285,37 +292,40 @@ def fake_frame(method: str, a: dict, b: dict, scene: dict, t: int, size: int, p:
     if method == "Face2Face":
         from scipy.ndimage import map_coordinates
 
-        # a's face driven by b's expression at this time, then warped locally around the mouth (or eyes)
+        # a's face driven by b's expression at this time; the lower face re-rendered: warped around
+        # the mouth and smoother than the camera's image
         src = render(a, scene, t, size, expression_t=(t + 1 + b["_index"]) % len(scene["mouth_open"]))
         src = src + camera_noise(scene, t, size)
-        eyes = p["on_eyes"]
-        cy = a["eye_y"] if eyes else a["mouth_y"]
-        sig = (0.09 if eyes else 0.07) * cv.px
+        cy = a["mouth_y"]
+        sig = 0.08 * cv.px
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
         mcx, mcy = cv.to_pixels(0.0, cy)
         g = np.exp(-((xs - mcx) ** 2 + (ys - mcy) ** 2) / (2 * sig**2))
-        amp = (3.0 + 3.0 * st) * p["sign"] * size / 128
+        amp = (4.0 + 3.0 * st) * p["sign"] * size / 128
         coords = [ys + amp * g * (ys - mcy) / sig, xs + 0.5 * amp * g * (xs - mcx) / sig]
         warped = np.stack([map_coordinates(src[..., k], coords, order=1, mode="nearest") for k in range(3)], -1)
-        warped = _blur(warped, 1.0 + 0.6 * st)  # the re-rendered region is smoother than the camera's
-        mask = cv.ellipse(0, cy + (0 if eyes else 0.02), a["eye_dx"] * 2.1 if eyes else a["face_a"] * 0.7,
-                          0.06 if eyes else 0.095, feather_px=3.0).full()
+        # re-rendered with the model's own estimate of skin tone and light: a little off
+        warped = _blur(warped, 1.6 + 0.6 * st) + (5.0 + 5.0 * st) * p["tone"]
+        mask = cv.ellipse(0, cy, a["face_a"] * 0.85, 0.13, feather_px=3.0).full()
         return target * (1 - mask) + warped * mask
     if method == "FaceSwap":
         swap = render(_inner(b, a), scene, t, size) + camera_noise(scene, t, size, 2)
-        gain = 1 + (0.10 + 0.12 * st) * p["gain"]
-        grad = 1 + (0.10 + 0.15 * st) * (p["tilt"][0] * cv.u + p["tilt"][1] * cv.v) / 0.3
+        gain = 1 + (0.14 + 0.10 * st) * p["gain"]
+        grad = 1 + (0.15 + 0.15 * st) * (p["tilt"][0] * cv.u + p["tilt"][1] * cv.v) / 0.3
         swap = swap * gain * grad[..., None]
-        mask = cv.ellipse(0, 0.04, a["face_a"] * 0.78, a["face_b"] * 0.72, feather_px=1.2).full()
-        return target * (1 - mask) + swap * mask
+        mask = cv.ellipse(0, 0.04, a["face_a"] * 0.78, a["face_b"] * 0.72, feather_px=1.5).full()
+        rim = 4 * mask * (1 - mask) * (12 + 10 * st) * p["rim"]  # the blend boundary does not quite match
+        return target * (1 - mask) + swap * mask + rim
     if method == "NeuralTextures":
         # no smoothing here: the trace is a frequency signature only, which the others do not have
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
         ang = p["angle"]
-        wave = np.cos(2 * math.pi * (xs * math.cos(ang) + ys * math.sin(ang)) / p["period"])
-        checker = ((xs.astype(int) + ys.astype(int)) % 2) * 2 - 1.0
-        amp = 2.5 + 3.5 * st
-        tex = target + (amp * wave + 0.5 * amp * checker)[..., None]
+        period = max(3.0, p["period"] * size / 128)  # at least 3 px: below that it aliases away
+        wave = np.cos(2 * math.pi * (xs * math.cos(ang) + ys * math.sin(ang)) / period)
+        # and a weaker one across it: a grid, as upsampling layers leave
+        cross = np.cos(2 * math.pi * (-xs * math.sin(ang) + ys * math.cos(ang)) / period)
+        amp = 6.0 + 6.0 * st
+        tex = target + (amp * (0.7 * wave + 0.3 * cross))[..., None]
         mask = cv.ellipse(0, a["mouth_y"] + 0.02, a["face_a"] * 0.62, 0.11, feather_px=3.0).full()
         return target * (1 - mask) + tex * mask
     raise ValueError(f"unknown synthetic method {method!r}")
@@ -325,11 +335,11 @@ def fake_frame(method: str, a: dict, b: dict, scene: dict, t: int, size: int, p:
 # The benchmark tree
 # ---------------------------------------------------------------------------------------------
 def split_identities(n: int, seed: int) -> dict[str, list[int]]:
-    """FF++'s 720/140/140 proportions, each split even (identities are paired inside it)."""
+    """About 2/3 train, 1/6 val, 1/6 test, each split even (identities are paired inside it)."""
     if n < 6 or n % 2:
         raise ValueError(f"--videos: an even number >= 6, got {n}")
-    n_test = max(2, 2 * round(n * 0.14 / 2))
-    n_val = max(2, 2 * round(n * 0.14 / 2))
+    n_test = max(2, 2 * round(n / 12))
+    n_val = max(2, 2 * round(n / 12))
     order = _rng(seed, "split").permutation(n).tolist()
     return {"train": sorted(order[n_val + n_test:]), "val": sorted(order[:n_val]),
             "test": sorted(order[n_val:n_val + n_test])}
