@@ -46,20 +46,21 @@ def _size_bytes(text: str) -> int:
 # shards make
 # ---------------------------------------------------------------------------------------------
 def add_shards_make_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     g = p.add_argument_group("input")
     g.add_argument("--source", required=True, choices=SOURCES, help="dataset layout of --root")
     g.add_argument("--root", required=True, help="dataset root folder")
-    g.add_argument("--splits", type=_csv, default=("train", "val", "test"), help="output splits to write (comma list)")
+    g.add_argument("--splits", type=_csv, default=("train", "val", "test"),
+                   help="output splits to write (comma list; default train,val,test)")
     g.add_argument("--methods", default="", help="ffpp/synth: manipulation methods for train/val/test, comma list "
                    "or 'all' ('' = Deepfakes,Face2Face,FaceSwap,NeuralTextures where present)")
     g.add_argument("--holdout-tests", action="store_true",
                    help="ffpp/synth: also write test_<Method> (that method's test fakes + the test reals) per method")
-    g.add_argument("--compression", default="c23", help="ffpp: c23, c40 or raw")
+    g.add_argument("--compression", default="c23", help="ffpp: c23 (default), c40 or raw")
     g.add_argument("--splits-dir", default="",
                    help="ffpp: folder of train/val/test.json ('' = <root>/splits or <root>)")
     g.add_argument("--val-percent", type=float, default=10.0,
-                   help="celebdf/wdf: percent of training identities (celebdf) or archives (wdf) carved out as val")
+                   help="celebdf/wdf: percent of training identities (celebdf) or archives (wdf) carved out as val "
+                   "(default 10)")
     g.add_argument("--csv", default="", help="folders: CSV with columns path,label,video,split[,method]")
     g.add_argument("--rule", default="",
                    help="folders: regex with groups split, label, video[, method] on relative paths")
@@ -67,28 +68,32 @@ def add_shards_make_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("crops")
     g.add_argument("--frames", type=_frames, default=None,
                    help="frames per video, spread over the whole video, or 'all' (default 32; synth: all)")
-    g.add_argument("--detector", default="dlib", help="dlib[:upsample=1,max_side=640], boxes:FILE.json, none, or "
-                   "package.module:Class")
+    g.add_argument("--detector", default="dlib",
+                   help="dlib (default; options: dlib:upsample=0,max_side=640,retry_upsample=1), "
+                   "boxes:FILE.json, none (frames are crops), or package.module:Class")
     g.add_argument("--detect-frames", action="store_true", help="folders: detect faces in image frames too")
-    g.add_argument("--margin", type=float, default=1.3, help="square crop side / detected box side")
+    g.add_argument("--margin", type=float, default=1.3, help="square crop side / detected box side (default 1.3)")
     g.add_argument("--size", type=int, default=None,
                    help="short side of stored crops in px (default 320 for detected faces, native for crops; 0 native)")
     g.add_argument("--format", choices=("jpg", "png"), default="jpg",
                    help="jpg decodes on the GPU in DALI; png is lossless, ~3-5x larger and CPU-decoded")
-    g.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    g.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     g = p.add_argument_group("shards")
     g.add_argument("--out", required=True, help="output folder: one shard folder per split inside")
-    g.add_argument("--shard-size", type=_size_bytes, default=256 << 20, help="target shard size (e.g. 256MB, 1GB)")
-    g.add_argument("--min-shards", type=int, default=8, help="at least this many shards per split (ranks x workers)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
+    g.add_argument("--shard-size", type=_size_bytes, default=256 << 20,
+                   help="target shard size, e.g. 256MB (default), 1GB")
+    g.add_argument("--min-shards", type=int, default=8,
+                   help="at least this many shards per split, for ranks x loader workers (default 8)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards (default 0)")
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: the CPU count)")
     g.add_argument("--work", default="", help="folder of per-video records ('' = <out>/.work); resumes from it")
     g.add_argument("--keep-work", action="store_true", help="keep the per-video records after assembling")
     g.add_argument("--stage", choices=("all", "process", "assemble"), default="all",
-                   help="process: crops only (SLURM array tasks); assemble: shards from finished records")
-    g.add_argument("--task-index", type=int, default=0, help="process only jobs i where i %% num-tasks == task-index")
-    g.add_argument("--num-tasks", type=int, default=1, help="number of tasks sharing the jobs")
+                   help="all (default); process: crops only (SLURM array tasks); assemble: shards from records")
+    g.add_argument("--task-index", type=int, default=0,
+                   help="process only jobs i where i %% num-tasks == task-index (default 0)")
+    g.add_argument("--num-tasks", type=int, default=1, help="number of tasks sharing the jobs (default 1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
