@@ -196,3 +196,17 @@ def shards_make(*args: str) -> int:
     from fdtrain.cli import main
 
     return main(["shards", "make", *args, "--no-progress"] + ([] if "--workers" in args else ["--workers", "1"]))
+
+
+class FailingDetector:
+    """A detector plug-in that fails on its second frame (``--detector tests._data_utils:FailingDetector``)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def detect(self, rgb, *, video="", frame=0, **info):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("detector crashed")
+        h, w = rgb.shape[:2]
+        return [((0.0, 0.0, float(w), float(h)), 1.0)]

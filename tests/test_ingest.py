@@ -250,3 +250,18 @@ def test_killed_run_resumes_to_the_same_shards(ffpp_root, tmp_path):
     for name in a:
         assert a[name] == b[name], name
     assert not (killed / ".work").exists()
+
+
+def test_an_unforeseen_error_skips_that_input_only(tmp_path):
+    """A plug-in detector that crashes on one frame: that video is reported, the others land."""
+    root = tmp_path / "f"
+    for name in ("a", "b", "c"):
+        write_video(root / f"{name}.mp4", face_frames(2, 64))
+    (root / "list.csv").write_text("path,label,video,split\n" + "".join(f"{n}.mp4,0,{n},test\n" for n in "abc"))
+    out = tmp_path / "out"
+    assert shards_make("--source", "folders", "--root", str(root), "--csv", str(root / "list.csv"), "--out", str(out),
+                       "--frames", "1", "--size", "32", "--min-shards", "1",
+                       "--detector", "tests._data_utils:FailingDetector") == 0
+    m = _manifest(out / "test")
+    assert m["num_samples"] == 2
+    assert [s["reason"] for s in m["skipped"]] == ["failed: RuntimeError: detector crashed"]

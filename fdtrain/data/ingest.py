@@ -155,6 +155,10 @@ def _process_video_job(job: VideoJob, opts: CropOptions, w: _RecordWriter) -> No
         if not frames:
             w.skipped.append(_skip(job, job.key, f"undecodable video: no frames decoded (header says {total})"))
             return
+        wanted = len(uniform_indices(total, opts.frames))
+        if len(frames) < wanted:  # the header promised more frames than the stream holds
+            w.skipped.append(_skip(job, job.key, f"stream ended early: {len(frames)} of {wanted} frames decoded "
+                                                 f"(header says {total})"))
         entry = _video_entry(job, job.key, job.source, total, opts.frames)
         _encode_frames(job, opts, job.key, ((i, rgb, job.source) for i, rgb in frames), w, entry, crops=job.crops)
         return
@@ -238,10 +242,15 @@ def process_job(job: Job, opts: CropOptions, work: str) -> dict:
     """Run one job and write its record; returns a short summary for the progress bar."""
     rid = opts.record_id(job)
     w = _RecordWriter(Path(work), rid)
-    if isinstance(job, ArchiveJob):
-        _process_archive_job(job, opts, w)
-    else:
-        _process_video_job(job, opts, w)
+    try:
+        if isinstance(job, ArchiveJob):
+            _process_archive_job(job, opts, w)
+        else:
+            _process_video_job(job, opts, w)
+    except Exception as e:  # anything unforeseen in one input must not stop the other thousands
+        w.videos.clear()
+        key = job.key_prefix if isinstance(job, ArchiveJob) else job.key
+        w.skipped.append(_skip(job, key, f"failed: {type(e).__name__}: {e}"))
     w.finish(job, rid)
     return {"samples": sum(len(v["samples"]) for v in w.videos), "skipped": len(w.skipped)}
 
