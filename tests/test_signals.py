@@ -2,6 +2,7 @@
 ``--resume auto`` finishes the run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -98,8 +99,13 @@ def test_sigusr1_to_one_rank_stops_every_rank_under_accelerate_launch(tmp_path):
     workers[1].send_signal(signal.SIGUSR1)
     out = _finish(proc)
     assert proc.returncode != 0  # torch's elastic agent reports a worker exit != 0 as a failure (1)
-    assert out.count(f"exitcode  : {EXIT_PREEMPTED}") == 2, out[-5000:]  # both workers exited 75
+    # Both ranks exit 75 after the collective save; the agent SIGTERMs a worker still tearing down
+    # when the other has already exited, so -15 is a possible code too, but nothing else is.
+    codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", out)}
+    assert EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}, out[-5000:]
+    assert "preempted: checkpoint at step" in out
     newest = ck.newest_checkpoint(run_dir / "checkpoints")
+    # rank 1 took part in the save at the same step: its RNG/loader file is in the folder
     assert {p.name for p in newest.glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
     step = int(newest.name.split("-")[-1])
     assert json.loads((run_dir / "preempted.json").read_text())["exit_code"] == EXIT_PREEMPTED
