@@ -124,6 +124,7 @@ t = torch.tensor([float(acc.process_index + 1)])
 total = acc.reduce(t, reduction="sum").item()  # a real collective over the process group
 open(os.path.join(sys.argv[1], f"rank{acc.process_index}"), "w").write(
     f"{acc.num_processes} {acc.distributed_type} {total}")
+acc.end_training()  # tear the gloo group down: a rank exiting with it alive may abort ("terminate called")
 """
 
 
