@@ -96,3 +96,16 @@ def test_predict_video_crops_faces_and_averages_frames(trained, tmp_path):
     assert 0.0 <= face_rec["score"] <= 1.0
     assert noface_rec["score"] is None and "no face" in noface_rec["error"]
     assert "could not be scored" in proc.stderr
+
+
+def test_find_sets_picks_split_folders(tmp_path):
+    from fdtrain.engine.evaluate import find_sets
+
+    for split in ("train", "test", "test_NeuralTextures"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "manifest.json").write_text("{}")
+    assert list(find_sets(tmp_path)) == ["test", "test_NeuralTextures", "train"]
+    assert list(find_sets(tmp_path, "test,test_NeuralTextures")) == ["test", "test_NeuralTextures"]
+    assert find_sets(tmp_path / "test", "in_domain") == {"in_domain": tmp_path / "test"}
+    with pytest.raises(FileNotFoundError, match="val"):
+        find_sets(tmp_path, "test,val")

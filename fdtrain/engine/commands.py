@@ -45,7 +45,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="model.pt, a checkpoint folder (step-N/), or a run folder (its best, else newest, checkpoint)")
     p.add_argument("--data", required=True,
                    help="a shard folder with manifest.json, or a dataset folder: each split folder in it is evaluated")
-    p.add_argument("--name", default="", help="set name in the output (one folder), or the split folder to pick")
+    p.add_argument("--name", default="",
+                   help="set name in the output (one folder), or the split folders to pick (comma list)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=0, help="per-process batch (default: the run's eval_batch_size)")
     p.add_argument("--backend", choices=("auto", "dali", "torch"), default="", help="loader (default: the run's)")

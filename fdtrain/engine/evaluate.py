@@ -126,7 +126,8 @@ def _nan_to_none(v: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 def find_sets(data: str | os.PathLike, name: str = "") -> dict[str, Path]:
     """{set name: split folder}: ``data`` is one split folder (with manifest.json), or a dataset
-    folder whose sub-folders are splits (each evaluated, named after the folder)."""
+    folder whose sub-folders are splits (each evaluated, named after the folder; ``name`` may pick
+    some of them as a comma list)."""
     data = Path(data)
     if (data / "manifest.json").is_file():
         return {name or data.name: data}
@@ -135,9 +136,11 @@ def find_sets(data: str | os.PathLike, name: str = "") -> dict[str, Path]:
         raise FileNotFoundError(f"{data}: no manifest.json here or in its sub-folders (expected shards written "
                                 "by `fdtrain shards make`)")
     if name:
-        if name not in subs:
-            raise FileNotFoundError(f"{data}: no split folder '{name}' (have {sorted(subs)})")
-        return {name: subs[name]}
+        wanted = [n.strip() for n in name.split(",") if n.strip()]
+        missing = [n for n in wanted if n not in subs]
+        if missing:
+            raise FileNotFoundError(f"{data}: no split folder {missing} (have {sorted(subs)})")
+        return {n: subs[n] for n in wanted}
     return subs
 
 
