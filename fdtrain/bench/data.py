@@ -21,13 +21,14 @@ No torch or DALI import at module level: ``fdtrain --help`` stays instant.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fdtrain.bench import emit_result
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -264,8 +265,5 @@ def run_bench(args: argparse.Namespace) -> int:
         ratio = f"{med[name] / base:.2f}x" if base else "-"
         cpu_ratio = f"{cpu['naive'] / cpu[name]:.2f}x" if base else "-"
         print(f"{name:<14} {par:<12} {med[name]:>9.0f} {ratio:>9} {cpu[name]:>11.2f} {cpu_ratio:>9}  {what}")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    emit_result(result, args.json)
     return 0

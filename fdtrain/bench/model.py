@@ -13,10 +13,11 @@ No torch import at module level: ``fdtrain --help`` stays instant.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+
+from fdtrain.bench import emit_result
 
 VARIANTS = ("xception", "fused", "two_pass")
 
@@ -160,9 +161,5 @@ def run_bench(args: argparse.Namespace) -> int:
     if "two_pass_vs_fused" in ratios:
         print(f"two_pass / fused: {ratios['two_pass_vs_fused']:.2f}x"
               + (f" (cpu time {cpu_ratios['two_pass_vs_fused']:.2f}x)" if on_cpu else ""))
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit_result(result, args.json)
     return 0

@@ -10,13 +10,14 @@ H.264 like FF++. Prints a table and one JSON line (``--json PATH`` writes it too
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fdtrain.bench import emit_result
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,8 +112,5 @@ def run_bench(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['workers']:>7} {r['crops']:>6} {r['skipped']:>7} {r['seconds']:>8.2f} {r['crops_per_s']:>8.1f} "
               f"{r['speedup_vs_1_worker']:>10.2f}x")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    emit_result(result, args.json)
     return 0

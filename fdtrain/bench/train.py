@@ -16,13 +16,14 @@ says how much of each step the model sat idle waiting. Prints a table and one JS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fdtrain.bench import emit_result
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -170,9 +171,6 @@ def _measure(cfg, args: argparse.Namespace) -> int:
               f"{'1.00x':>16}")
         print(f"{'end to end (' + trainer.loader.backend + ')':<28} {e['images_per_s']:>10.2f} {e['step_ms']:>9.1f} "
               f"{100 * e['data_wait_share']:>9.1f}% {ratio:>15.2f}x")
-        line = json.dumps(result)
-        print(line)
-        if args.json:
-            Path(args.json).write_text(line + "\n")
+        emit_result(result, args.json)
     acc.end_training()
     return 0
