@@ -347,7 +347,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        # dict-typed leaves (data.test) replace rather than merge only when explicitly null
+        # Mappings merge key by key, so a recipe adds test sets to its base's data.test;
+        # `test: null` (or any non-mapping value) replaces the base's value outright.
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
