@@ -60,7 +60,10 @@ class ModelConfig:
     dropout: float = f(0.2, "dropout before the final linear layer")
     encoder_dropout: float = f(0.2, "dropout on the encoder output M (training only)")
     forward: Literal["fused", "two_pass"] = f(
-        "fused", "fused: one encoder pass per step; two_pass: the released code's two passes")
+        "fused", "two_pass: the released code's step (a class-split reconstruction pass, then a whole-batch "
+        "classification pass, each with its own noise and dropout draws); fused: one encoder pass, decoders on "
+        "the whole batch: ~3/4 of the compute, but in train mode decoder BN statistics mix the classes "
+        "(not the released step)")
     error_encoder: Literal["shared", "separate"] = f(
         "shared", "error maps through the encoder's own entry flow, or a separate one")
     fusion: Literal["select", "residual", "add"] = f(
@@ -68,6 +71,11 @@ class ModelConfig:
     sources: list[str] = f(["inva", "real", "fake"], "fused sources, non-empty subset of inva/real/fake")
     fusion_reduction: int = f(8, "channel reduction of the fusion MLP (728 -> 91)")
     channels_last: bool = f(True, "weights and activations in channels_last memory (CPU: ~25% faster steps)")
+
+    @property
+    def noisy_views(self) -> int:
+        """Noisy views X~ a training batch must carry: two_pass draws a fresh one for each pass."""
+        return 2 if self.forward == "two_pass" and self.variant != "xception" else 1
 
 
 @dataclass
@@ -78,6 +86,9 @@ class LossConfig:
     lambda_f: float = f(0.1, "weight of the fake-reconstruction loss L_fr")
     recon: Literal["l1", "mse"] = f("l1", "reconstruction distance: l1 (code) or mse (paper text)")
     flooding: float = f(0.0, "flooding level b (|L-b|+b); 0 disables, released code uses 0.04")
+    recon_reduction: Literal["paired", "released"] = f(
+        "paired", "paired: each reconstruction vs its own input, averaged over the class (eqs. 9-10); released: "
+        "each vs every input of its class, averaged over them, summed over the class (the released code)")
 
 
 @dataclass

@@ -5,10 +5,18 @@
     L_cls = BCE with logits on one logit                                            (eq. 11)
 
 d is the per-image mean absolute error (``recon: l1``, eqs. 9-10 and the released code) or mean
-squared error (``recon: mse``, the paper's text), averaged over pixels; each image is compared
-with its own reconstruction only. (The released code instead compares each reconstruction with
-every image of its class and sums: a bug, not copied.) An empty half of the batch contributes 0.
-Flooding (|L_cls - b| + b), as the released code applies it, acts on the classification term.
+squared error (``recon: mse``, the paper's text), averaged over pixels.
+
+``recon_reduction`` says which images a reconstruction is compared with:
+  paired    (the equations) each reconstruction with its own input, averaged over the class:
+            L_rr = 1/|R| sum_{i in R} d(X^_i, X_i)
+  released  (the released code's ``exp_recons_loss``, which produced the paper's numbers) each
+            reconstruction with every input of its class, averaged over those inputs, then summed:
+            L_rr = sum_{i in R} 1/|R| sum_{j in R} d(X^_i, X_j)   (L_fr likewise over the fakes)
+            A sum over the class, not a mean, so it grows with |R|; and X^_i is pulled towards
+            the class's per-pixel median (l1) or mean (mse), not towards X_i.
+An empty half of the batch contributes 0. Flooding (|L_cls - b| + b), as the released code
+applies it, acts on the classification term only.
 """
 from __future__ import annotations
 
@@ -19,15 +27,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _wide(t: Tensor) -> Tensor:
+    """fp16/bf16/fp32 -> fp32; fp64 (the exactness tests) stays fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class FakeDifferLoss:
     """``loss_fn(out, x, labels) -> {"total", "cls", "rec_real", "rec_fake"}`` (scalar tensors).
 
     ``out`` is a FakeDifferOutput (reconstructions may be None: plain Xception), ``x`` the clean
-    batch (B,3,H,W) in [-1, 1], ``labels`` (B,) with 0 = real, 1 = fake. Computed in fp32.
+    batch (B,3,H,W) in [-1, 1], ``labels`` (B,) with 0 = real, 1 = fake. Computed in fp32 (fp64 stays fp64).
     """
 
     def __init__(self, cfg=None, *, lambda_r: Optional[float] = None, lambda_f: Optional[float] = None,
-                 recon: Optional[str] = None, flooding: Optional[float] = None):
+                 recon: Optional[str] = None, flooding: Optional[float] = None,
+                 recon_reduction: Optional[str] = None):
         def pick(name: str, given, default):
             if given is not None:
                 return given
@@ -37,13 +51,16 @@ class FakeDifferLoss:
         self.lambda_f = float(pick("lambda_f", lambda_f, 0.1))
         self.recon = pick("recon", recon, "l1")
         self.flooding = float(pick("flooding", flooding, 0.0))
+        self.recon_reduction = pick("recon_reduction", recon_reduction, "paired")
         if self.recon not in ("l1", "mse"):
             raise ValueError(f"loss.recon: expected 'l1' or 'mse', got {self.recon!r}")
+        if self.recon_reduction not in ("paired", "released"):
+            raise ValueError(f"loss.recon_reduction: expected 'paired' or 'released', got {self.recon_reduction!r}")
         if self.flooding < 0:
             raise ValueError(f"loss.flooding: must be >= 0, got {self.flooding}")
 
     def _distance(self, recon: Tensor, x: Tensor) -> Tensor:
-        diff = recon.float() - x.float()  # (B,3,H,W)
+        diff = _wide(recon) - _wide(x)  # (B,3,H,W)
         d = diff.abs() if self.recon == "l1" else diff.square()
         return d.flatten(1).mean(dim=1)  # (B,) one value per image
 
@@ -56,13 +73,38 @@ class FakeDifferLoss:
 
     def reconstruction(self, recon: Optional[Tensor], x: Tensor, mask: Tensor) -> Tensor:
         if recon is None:
-            return x.new_zeros((), dtype=torch.float32)
+            return x.new_zeros((), dtype=_wide(x).dtype)
+        if self.recon_reduction == "released":
+            return self._released(recon, x, mask)
         return self._masked_mean(self._distance(recon, x), mask)  # eq. 9 / eq. 10
+
+    def _released(self, recon: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        """sum_{i in class} mean_{j in class, pixels} d(recon_i, x_j), in O(n) memory per pixel.
+
+        The direct broadcast holds n^2 images (16 reals at 299 px: 275 MB, twice for backward);
+        here both distances reduce to per-pixel sums over the class's sorted targets.
+        """
+        idx = mask.nonzero().squeeze(1)  # (n,)
+        n = idx.numel()
+        if n == 0:
+            return x.new_zeros((), dtype=_wide(x).dtype)
+        r = _wide(recon.index_select(0, idx)).flatten(1).T  # (P,n) pixel-major: one row per pixel
+        t = _wide(x.index_select(0, idx)).flatten(1).T.detach()  # (P,n) the targets carry no gradient
+        if self.recon == "mse":
+            # sum_j (r - t_j)^2 = n r^2 - 2 r sum_j t_j + sum_j t_j^2
+            per = n * r.square() - 2 * r * t.sum(1, keepdim=True) + t.square().sum(1, keepdim=True)  # (P,n)
+        else:
+            # sum_j |r - t_j| = r (2k - n) + S_n - 2 S_k, k = #{t_j <= r}, S_k the sum of the k smallest
+            s = t.sort(dim=1).values.contiguous()  # (P,n)
+            cum = torch.cat([s.new_zeros(s.shape[0], 1), s.cumsum(1)], dim=1)  # (P,n+1)
+            k = torch.searchsorted(s, r.detach().contiguous(), right=True)  # (P,n)
+            per = r * (2 * k - n) + cum[:, -1:] - 2 * cum.gather(1, k)  # (P,n)
+        return per.sum() / (n * r.shape[0])  # each reconstruction: mean over n targets x P pixels; summed
 
     def __call__(self, out, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
         y = labels.reshape(-1).float()  # (B,)
         is_real = y < 0.5  # (B,)
-        cls = F.binary_cross_entropy_with_logits(out.logit.reshape(-1).float(), y)  # eq. 11
+        cls = F.binary_cross_entropy_with_logits(_wide(out.logit.reshape(-1)), y.to(_wide(out.logit).dtype))  # eq. 11
         if self.flooding > 0:
             cls = (cls - self.flooding).abs() + self.flooding
         rec_real = self.reconstruction(out.recon_real, x, is_real)  # eq. 9, real rows only

@@ -80,7 +80,7 @@ def test_rows_of_the_other_class_do_not_leak():
 
 
 def test_each_image_is_compared_with_its_own_reconstruction():
-    """Not the released code's reduction (every reconstruction against every image, summed)."""
+    """recon_reduction=paired (the default): not the released code's every-against-every sum."""
     x = torch.zeros(2, 3, 2, 2)
     x[1] = 1.0
     out = FakeDifferOutput(logit=torch.zeros(2), recon_real=x.clone(), recon_fake=x.clone())
@@ -112,3 +112,54 @@ def test_bad_settings_name_the_field():
         FakeDifferLoss(recon="l2")
     with pytest.raises(ValueError, match="loss.flooding"):
         FakeDifferLoss(flooding=-1.0)
+
+
+def _released_direct(recons, x, idx, recon):
+    """The released exp_recons_loss, literally: for each reconstruction r_i of the class, the mean
+    of d(r_i, x_j) over every image j of the class (a broadcast), summed over i."""
+    total = recons.new_zeros(())
+    for i in idx:
+        diff = recons[i].unsqueeze(0) - x[idx]  # (1,3,H,W) - (n,3,H,W): every image of the class
+        total = total + (diff.abs() if recon == "l1" else diff.square()).mean()
+    return total
+
+
+@pytest.mark.parametrize("recon", ["l1", "mse"])
+@pytest.mark.parametrize("labels", [[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0],
+                                    [0.0, 0.0, 0.0]], ids=["1real", "2real", "3real", "3real_0fake"])
+def test_released_reduction_is_the_broadcast_sum(labels, recon):
+    """recon_reduction=released against a direct computation of the released broadcast-sum, with 1, 2
+    and 3 real images (and the fakes likewise, against every fake): values and gradients, float64."""
+    g = torch.Generator().manual_seed(3)
+    b = len(labels)
+    x = (torch.rand(b, 3, 5, 5, generator=g, dtype=torch.float64) * 2 - 1)
+    rr = (torch.rand(b, 3, 5, 5, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
+    rf = (torch.rand(b, 3, 5, 5, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
+    y = torch.tensor(labels, dtype=torch.float64)
+    out = FakeDifferOutput(logit=torch.zeros(b, dtype=torch.float64), recon_real=rr, recon_fake=rf)
+    got = FakeDifferLoss(recon=recon, recon_reduction="released", lambda_r=0.1, lambda_f=0.1)(out, x, y)
+    reals = [i for i, v in enumerate(labels) if v == 0]
+    fakes = [i for i, v in enumerate(labels) if v == 1]
+    want_r = _released_direct(rr, x, reals, recon)
+    want_f = _released_direct(rf, x, fakes, recon) if fakes else torch.zeros((), dtype=torch.float64)
+    torch.testing.assert_close(got["rec_real"], want_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["rec_fake"], want_f, rtol=1e-12, atol=1e-12)
+    g_rr, g_rf = torch.autograd.grad(got["total"], (rr, rf), allow_unused=True)
+    w_rr, w_rf = torch.autograd.grad(0.1 * want_r + 0.1 * want_f, (rr, rf), allow_unused=True)
+    torch.testing.assert_close(g_rr, w_rr, rtol=1e-12, atol=1e-12)
+    if fakes:
+        torch.testing.assert_close(g_rf, w_rf, rtol=1e-12, atol=1e-12)
+    else:
+        assert g_rf is None or g_rf.abs().sum() == 0
+    if len(reals) > 1:  # not the paired loss: a perfect reconstruction of X_i still costs
+        paired = FakeDifferLoss(recon=recon)(FakeDifferOutput(logit=out.logit, recon_real=x, recon_fake=x), x, y)
+        released = FakeDifferLoss(recon=recon, recon_reduction="released")(
+            FakeDifferOutput(logit=out.logit, recon_real=x, recon_fake=x), x, y)
+        assert paired["rec_real"].item() == 0.0 and released["rec_real"].item() > 0.0
+
+
+def test_released_reduction_from_the_config():
+    assert FakeDifferLoss(LossConfig(recon_reduction="released")).recon_reduction == "released"
+    assert FakeDifferLoss(LossConfig()).recon_reduction == "paired"
+    with pytest.raises(ValueError, match="loss.recon_reduction"):
+        FakeDifferLoss(recon_reduction="sum")

@@ -1,4 +1,4 @@
-"""FakeDiffer model: shapes, gradients, fused == two_pass, size, every switch, weights, checkpoints.
+"""FakeDiffer model: shapes, gradients, fused vs two_pass, size, every switch, weights, checkpoints.
 
 CPU only and small: the 299/224 shape checks use one image; everything else runs at 64 px.
 """
@@ -70,8 +70,8 @@ def test_gradients_reach_every_part(model):
 
 @pytest.mark.parametrize("labels", [[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
 def test_fused_and_two_pass_agree(labels):
-    """Dropout off and BN on running statistics (eval mode): the released code's two passes and the
-    fused pass compute the same losses and the same gradients."""
+    """Eval mode only (dropout off, BN on running statistics): the released code's two passes and the
+    fused pass compute the same losses and gradients. In train mode they do not (next test)."""
     torch.manual_seed(1)
     m = create_model().eval()
     x, _, _ = batch()

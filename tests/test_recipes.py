@@ -125,6 +125,9 @@ def test_paper_recipe_holds_the_paper_values(recipe):
     assert (c.data.noise_p, c.data.noise_std, c.loss.recon, c.loss.flooding) == (0.5, 1e-6, "l1", 0.04)
     assert (c.train.mixed_precision, c.eval.select_on, c.eval.metric, c.optim.grad_clip) == ("fp16", "val", "auc", 0.0)
     assert c.model.pretrained and c.model.backbone == "legacy_xception"
+    # the released training step, exactly (README "Exact vs fast"): two passes, released reduction
+    assert (c.model.forward, c.loss.recon_reduction) == ("two_pass", "released"), _id(recipe)
+    assert c.model.noisy_views == (1 if c.model.variant == "xception" else 2)
     assert c.model.input_size == (224 if c.data.train.startswith("shards/wdf/") else 299)
     # names its shards and test sets, and says what to aim at
     for path in [c.data.train, c.data.val, *c.data.test.values()]:

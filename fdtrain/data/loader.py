@@ -3,7 +3,8 @@
 ``build_loader(cfg, split, rank=, world_size=, device=, path=, dtype=) -> Loader``
 
 * ``split == "train"``: shuffled (seeded by ``cfg.run.seed + epoch``), flipped with
-  ``data.flip_p``, batches ``{"x", "x_noisy", "label", "key"}``; ``len(loader)`` steps per epoch,
+  ``data.flip_p``, batches ``{"x", "x_noisy", "label", "key"}`` (plus ``"x_noisy2"``, a second
+  independent draw of X~, when ``model.forward=two_pass``); ``len(loader)`` steps per epoch,
   ``num_samples // (world_size * batch_size)``, the same on every rank.
 * any other split (``"val"``, a name in ``data.test``, or any folder given as ``path``): read in
   order, no flip, no noise; every sample exactly once across ranks, padding removed, batches
@@ -345,9 +346,13 @@ class Loader:
         x = x.to(self.dtype)
         out = {"x": x, "label": raw["label"].to(self.device, non_blocking=True), "key": raw["key"]}
         if self.train:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(mix_seed(self.seed, epoch, self.rank, step, 0x4E01))
-            out["x_noisy"] = add_gated_noise(x, self.cfg.data.noise_p, self.cfg.data.noise_std, g)
+            # model.forward=two_pass runs the encoder twice per step, each on its own draw of X~ (as
+            # the released code draws the noise inside each forward): "x_noisy2" is the second.
+            views = ("x_noisy", "x_noisy2")[:getattr(self.cfg.model, "noisy_views", 1)]
+            for v, name in enumerate(views):
+                g = torch.Generator(device=self.device)
+                g.manual_seed(mix_seed(self.seed, epoch, self.rank, step, 0x4E01 + v))
+                out[name] = add_gated_noise(x, self.cfg.data.noise_p, self.cfg.data.noise_std, g)
         return out
 
     def _record_skip(self, key: str, shard: str, reason: str) -> None:

@@ -220,13 +220,15 @@ class Trainer:
         """
         x, y = batch["x"], batch["label"]
         x_noisy = batch.get("x_noisy", x)
+        x_noisy2 = batch.get("x_noisy2")  # two_pass: its second pass's own X~ draw
         if self.input_dtype is not None and x.dtype != self.input_dtype:
             x, x_noisy = x.to(self.input_dtype), x_noisy.to(self.input_dtype)
+            x_noisy2 = None if x_noisy2 is None else x_noisy2.to(self.input_dtype)
         if self._micro_in_window == 0 and self._buffers:
             torch._foreach_copy_(self._buffer_snapshot, self._buffers)
         self._micro_in_window += 1
         with self.acc.accumulate(self.model):
-            out = self.model(x, x_noisy, labels=y)
+            out = self.model(x, x_noisy, labels=y, x_noisy2=x_noisy2)
             losses = self.loss_fn(out, x, y)
             loss = losses["total"]
             finite = torch.isfinite(loss.detach())

@@ -135,6 +135,8 @@ class FakeDiffer(nn.Module):
 
     ``model(x, x_noisy, labels)`` (training) -> FakeDifferOutput; ``model(x)`` -> logits (B,).
     x and x_noisy are NCHW in [-1, 1]; x_noisy feeds the encoder, x the targets and error maps.
+    ``forward="two_pass"`` takes ``x_noisy2``, a second independent draw of X~ for its second pass
+    (the training loader provides it); without it both passes see ``x_noisy``.
     """
 
     def __init__(
@@ -222,13 +224,15 @@ class FakeDiffer(nn.Module):
         return self.fc(z).squeeze(1), w  # (B,)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+    def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                x_noisy2: Optional[Tensor] = None):
         x = x.contiguous(memory_format=self.memory_format)
         if labels is None:
             return self._forward_inference(x)
         x_noisy = x if x_noisy is None else x_noisy.contiguous(memory_format=self.memory_format)
         if self.forward_mode == "two_pass":
-            return self._forward_two_pass(x, x_noisy, labels)
+            x_noisy2 = x_noisy if x_noisy2 is None else x_noisy2.contiguous(memory_format=self.memory_format)
+            return self._forward_two_pass(x, x_noisy, labels, x_noisy2)
         return self._forward_fused(x, x_noisy)
 
     def _forward_inference(self, x: Tensor) -> Tensor:
@@ -254,9 +258,10 @@ class FakeDiffer(nn.Module):
         logit, w = self.classify(m, errs)  # (B,), (B,S,728) eqs. 6-8 + head
         return FakeDifferOutput(logit, r_real, r_fake, errs.get("real"), errs.get("fake"), w)
 
-    def _forward_two_pass(self, x: Tensor, x_noisy: Tensor, labels: Tensor) -> FakeDifferOutput:
+    def _forward_two_pass(self, x: Tensor, x_noisy: Tensor, labels: Tensor, x_noisy2: Tensor) -> FakeDifferOutput:
         """The released code's step: a reconstruction pass with M split by label (each decoder
-        sees only its own class, so its BN statistics too), then a full pass for classification."""
+        sees only its own class, so its BN statistics too), then a full pass for classification.
+        Each pass has its own noisy view and its own dropout masks, as in the release."""
         m1 = self.encode(x_noisy)  # (B,728,19,19) pass 1, its own dropout mask
         size = tuple(x.shape[-2:])
         is_real = labels.reshape(-1) < 0.5  # (B,)
@@ -269,7 +274,7 @@ class FakeDiffer(nn.Module):
                 idx = rows.nonzero().squeeze(1)  # (n,)
                 if idx.numel():
                     r1[which] = (idx, self.reconstruct(which, m1[idx], size))  # (n,3,299,299)
-        out = self._forward_fused(x, x_noisy)  # pass 2: logits from a fresh encoder pass
+        out = self._forward_fused(x, x_noisy2)  # pass 2: logits from a fresh encoder pass and X~ draw
         # The loss reads pass 1's rows; the other rows keep pass 2's values, which the loss masks out.
         if self.variant == "dual_recons":
             out.recon_real, out.recon_fake = r1["real"], r1["fake"]
@@ -299,7 +304,8 @@ class XceptionClassifier(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
 
-    def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None):
+    def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                x_noisy2: Optional[Tensor] = None):
         x = x.contiguous(memory_format=self.memory_format)
         if x_noisy is not None:
             x_noisy = x_noisy.contiguous(memory_format=self.memory_format)
