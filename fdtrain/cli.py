@@ -77,13 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    from fdtrain import FdtrainError
     from fdtrain.config import ConfigError
 
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:
-        print(f"fdtrain: config error: {e}", file=sys.stderr)
+        report(f"fdtrain: config error: {e}")
         return 2
+    except FdtrainError as e:
+        report(f"fdtrain {args._cmd}: {e}")
+        return 2
+
+
+def report(message: str) -> None:
+    """A user-facing error, printed once per job: by global rank 0 (every rank of a launched job
+    raises the same error at the same point; the engine gathers rank-local failures to rank 0)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

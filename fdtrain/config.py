@@ -386,7 +386,11 @@ def load_recipe_dict(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     if bases is None:
         return data
     merged: dict[str, Any] = {}
-    for b in [bases] if isinstance(bases, str) else list(bases):
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base: expected a recipe path or a list of them, got {bases!r}")
+    for b in bases:
         merged = _deep_merge(merged, load_recipe_dict(path.parent / b, (*_seen, path)))
     return _deep_merge(merged, data)
 
@@ -461,7 +465,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{k}: a probability in [0, 1], got {v}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: two values, got {cfg.optim.betas}")
-    for k in ("data.num_workers", "optim.warmup_steps", "train.max_steps", "checkpoint.keep_last"):
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise ConfigError(f"run.name: {name!r} must be one folder name inside run.out_dir ({cfg.run.out_dir}): "
+                          "no '/', not '.' or '..'")
+    for k in ("data.num_workers", "optim.warmup_steps", "train.max_steps", "checkpoint.keep_last",
+              "train.steps_per_epoch", "train.max_nonfinite", "optim.hold_steps", "eval.every_steps",
+              "eval.max_batches", "checkpoint.every_steps", "logging.image_every"):
         sec, name = k.split(".")
         if getattr(getattr(cfg, sec), name) < 0:
-            raise ConfigError(f"{k}: must be >= 0")
+            raise ConfigError(f"{k}: must be >= 0, got {getattr(getattr(cfg, sec), name)}")
+    if cfg.logging.every_steps <= 0:
+        raise ConfigError(f"logging.every_steps: must be >= 1 (log every N steps), got {cfg.logging.every_steps}")
+    if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.train.max_steps == 0):
+        raise ConfigError(f"train.epochs: must be >= 1 (or set train.max_steps), got {cfg.train.epochs}")

@@ -13,7 +13,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from fdtrain.config import Config, from_dict
+from fdtrain.config import Config, ConfigError, from_dict
 from fdtrain.models import create_model_from_config
 
 # Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
@@ -48,16 +48,27 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
 
     ImageNet weights are never looked up: everything comes from the checkpoint.
     """
+    from fdtrain.engine.checkpoint import CheckpointError, load_file
+
     file = _model_file(path)
-    ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    ckpt = load_file(file)
     for key in ("config", "state_dict"):
-        if key not in ckpt:
-            raise KeyError(f"{file}: checkpoint has no '{key}' entry (has {sorted(ckpt)})")
-    cfg = from_dict(ckpt["config"])
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise CheckpointError(f"{file}: not an fdtrain model file: no '{key}' entry (has {have}); "
+                                  "fdtrain writes model.pt with its config and weights")
+    try:
+        cfg = from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: its stored config does not resolve: {e}") from None
     model = create_model_from_config(dataclasses.replace(cfg.model, pretrained=False))
-    missing, unexpected = model.load_state_dict(_strip_prefixes(ckpt["state_dict"]), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(_strip_prefixes(ckpt["state_dict"]), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{file}: weights do not fit the model its config describes: "
+                              f"{str(e).strip().splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise RuntimeError(f"{file}: weights do not fit the model its config describes "
+        raise CheckpointError(f"{file}: weights do not fit the model its config describes "
                            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
     model.to(map_location)

@@ -147,7 +147,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert newest is not None and int(partial[0].name.split("-")[-1]) > int(newest.name.split("-")[-1])
     model, cfg = load_model(newest)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    torch.load(newest / "train_state.pt", map_location="cpu", weights_only=False)
+    torch.load(newest / "train_state.pt", map_location="cpu", weights_only=True)
 
     step = int(newest.name.split("-")[-1])
     args = [a for a in args if not a.startswith("--train.max_steps")] + [f"--train.max_steps={step + 2}"]
@@ -156,3 +156,49 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert f"resumed from {newest}" in done.stdout
     assert not list(ckpt_dir.glob(".tmp-step-*"))
     assert ck.newest_checkpoint(ckpt_dir).name == f"step-{step + 2:08d}"
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_and_damaged_files_are_refused_without_running_code(setup, tmp_path):
+    """Every file of a checkpoint is read with weights_only=True: a pickle that would run a shell
+    command is refused (the command never runs); truncated, empty and foreign files are named."""
+    from fdtrain.inference import load_model
+
+    cfg, acc, model, opt, sched = setup
+    _train_a_step(model, opt, sched)
+    ckpt = ck.Checkpointer(tmp_path / "checkpoints", acc)
+    path = _save(ckpt, cfg, model, opt, sched, 1, metrics={"val": {"frame": {"auc": ck.np.float64(0.5)}}})
+    for f in path.glob("*.pt"):  # fdtrain's own files hold only what weights_only accepts
+        torch.load(f, map_location="cpu", weights_only=True)
+    marker = tmp_path / "pwned"
+    good = {f.name: f.read_bytes() for f in path.glob("*.pt")}
+    for name in ("train_state.pt", "rank-00000.pt", "model.pt"):
+        torch.save({"state_dict": {}, "config": {}, "payload": _RunsCode(marker)}, path / name)
+        with pytest.raises(ck.CheckpointError, match=rf"{name}: refused: unpickling it would import \S*system"):
+            if name == "model.pt":
+                load_model(path)
+            else:
+                ckpt.load(path, model=model, optimizer=opt, scheduler=sched)
+        (path / name).write_bytes(good[name])
+    assert not marker.exists(), "unpickling the crafted file ran its command"
+
+    model_pt = path / "model.pt"
+    cases = {b"": "empty file", good["model.pt"][: len(good["model.pt"]) // 2]: "truncated or not a torch file"}
+    for data, why in cases.items():
+        model_pt.write_bytes(data)
+        with pytest.raises(ck.CheckpointError, match=f"model.pt: .*{why}"):
+            load_model(path)
+    torch.save({"conv.weight": torch.zeros(2)}, model_pt)  # a foreign state dict, e.g. timm's
+    with pytest.raises(ck.CheckpointError, match="model.pt: not an fdtrain model file: no 'config'"):
+        load_model(path)

@@ -1,4 +1,5 @@
 """Config loader: merge order, errors that name the key, and the resolved-YAML round trip."""
+import re
 import subprocess
 import sys
 
@@ -127,3 +128,34 @@ def test_cli_print_config_round_trips(tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(r.stdout)
     assert resolve(saved) == resolve(recipe, ["--train.epochs=2"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--run.name=../../x", "run.name: '../../x' must be one folder name inside run.out_dir"),
+    ("--run.name=..", "run.name: '..' must be one folder name"),
+    ("--logging.every_steps=0", "logging.every_steps: must be >= 1"),
+    ("--eval.every_steps=-5", "eval.every_steps: must be >= 0, got -5"),
+    ("--checkpoint.every_steps=-1", "checkpoint.every_steps: must be >= 0"),
+    ("--logging.image_every=-1", "logging.image_every: must be >= 0"),
+    ("--train.epochs=0", "train.epochs: must be >= 1"),
+    ("--train.epochs=-2", "train.epochs: must be >= 1"),
+])
+def test_values_that_cannot_run_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(None, [override])
+
+
+def test_base_must_name_recipes(tmp_path):
+    recipe = write(tmp_path / "r.yaml", {"base": 5})
+    with pytest.raises(ConfigError, match=r"r.yaml: base: expected a recipe path or a list of them, got 5"):
+        resolve(recipe)
+    assert resolve(None, ["--train.epochs=0", "--train.max_steps=10"]).train.max_steps == 10
+
+
+def test_cli_run_name_cannot_leave_out_dir(tmp_path):
+    recipe = write(tmp_path / "r.yaml", {"run": {"name": "x", "out_dir": str(tmp_path / "runs")}})
+    r = cli("train", str(recipe), "--run.name=../../escaped")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"fdtrain: config error: run.name: '../../escaped' must be one folder name inside run.out_dir "
+        f"({tmp_path / 'runs'}): no '/', not '.' or '..'"]
+    assert not (tmp_path.parent / "escaped").exists()

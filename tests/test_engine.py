@@ -91,7 +91,7 @@ def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
     assert ck.newest_checkpoint(full).name == ck.newest_checkpoint(split).name == "step-00000020"
     a, b = ck.newest_checkpoint(full), ck.newest_checkpoint(split)
     assert U.max_abs_diff(U.load_state_dict(a), U.load_state_dict(b)) <= 1e-6
-    sa, sb = (torch.load(p / "train_state.pt", weights_only=False) for p in (a, b))
+    sa, sb = (torch.load(p / "train_state.pt", weights_only=True) for p in (a, b))
     assert sa["scheduler"] == sb["scheduler"] and sa["scheduler"]["last_epoch"] == 20
     for k, v in sa["optimizer"]["state"].items():
         assert torch.allclose(v["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"], atol=1e-6, rtol=0)

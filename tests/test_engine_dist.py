@@ -97,6 +97,6 @@ def test_deepspeed_zero2_save_resume_and_consolidate(data, tmp_path):
     assert proc.returncode == 0, U.explain(proc)
     assert f"resumed from {first} at step 4" in proc.stdout
     _check_ranks_agree(run_dir, 6)
-    state = torch.load(ck.newest_checkpoint(run_dir / "checkpoints") / "train_state.pt", weights_only=False)
+    state = torch.load(ck.newest_checkpoint(run_dir / "checkpoints") / "train_state.pt", weights_only=True)
     assert state["scheduler"]["last_epoch"] == 6 and "optimizer" not in state  # DeepSpeed holds the optimizer
     _check_single_process_evaluation(run_dir, data, tmp_path)

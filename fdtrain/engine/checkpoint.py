@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fdtrain import FdtrainError
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +90,45 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
         "or a run folder with checkpoints/)")
 
 
+class CheckpointError(FdtrainError):
+    """A checkpoint file that cannot be used: the message names the file and what is wrong."""
+
+
+def load_file(f: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of one checkpoint file, with a message naming what is wrong.
+
+    weights_only admits tensors and plain Python values only: a file whose unpickling would import
+    anything else (``os.system`` in a crafted file, numpy objects in a foreign one) is refused
+    before any of it runs. fdtrain writes its own state in those types (see :func:`rng_state`).
+    """
+    f = Path(f)
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    size = f.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{f}: empty file (0 bytes); its write never finished (disk full? killed?)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        blocked = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        if blocked:
+            raise CheckpointError(
+                f"{f}: refused: unpickling it would import {blocked.group(1)}, which is not a tensor or a plain "
+                "value. fdtrain loads checkpoints with torch.load(weights_only=True) and never runs code from "
+                "them; this file was not written by fdtrain (crafted, or from another tool)") from None
+        raise CheckpointError(f"{f}: not a torch checkpoint ({size} bytes that do not unpickle)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: unreadable ({size} bytes): truncated or not a torch file ({first})") from None
+
+
 def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
     """The model.pt dict, read with ``weights_only`` (plain tensors and Python values only)."""
     f = resolve_model_file(path)
-    blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    missing = [k for k in ("config", "state_dict", "step") if k not in blob]
+    blob = load_file(f, mmap=True)
+    missing = [k for k in ("config", "state_dict", "step") if not isinstance(blob, dict) or k not in blob]
     if missing:
-        raise ValueError(f"{f}: not an fdtrain model file (missing {missing})")
+        raise CheckpointError(f"{f}: not an fdtrain model file (missing {missing})")
     return blob
 
 
@@ -109,18 +144,43 @@ def consolidate_deepspeed(ds_dir: str | os.PathLike, tag: str = DS_TAG) -> dict[
 # RNG
 # --------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG of this process, in types ``torch.load(weights_only=True)`` accepts (no numpy objects)."""
+    version, mt, gauss = random.getstate()
+    npst = np.random.get_state(legacy=False)
+    state = {"python": {"version": version, "state": list(mt), "gauss": gauss},
+             "numpy": {"bit_generator": npst["bit_generator"],
+                       "key": torch.from_numpy(npst["state"]["key"].astype(np.int64)),
+                       "pos": int(npst["state"]["pos"]), "has_gauss": int(npst["has_gauss"]),
+                       "gauss": float(npst["gauss"])},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npst = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np.random.set_state({"bit_generator": npst["bit_generator"],
+                         "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+                         "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with numpy scalars and arrays turned into Python numbers and tensors, so that the
+    file it is saved in loads with ``weights_only=True``."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +217,7 @@ class Checkpointer:
 
         if self.is_deepspeed:  # every rank writes its ZeRO partition of the optimizer
             model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
-        torch.save({"rng": rng_state(), "loader": loader_state},
+        torch.save(plain({"rng": rng_state(), "loader": loader_state}),
                    tmp / f"rank-{acc.process_index:05d}.pt")
         if acc.is_main_process:
             state = {"scheduler": scheduler.state_dict(), "trainer": trainer_state, "step": step, "epoch": epoch}
@@ -166,13 +226,13 @@ class Checkpointer:
             scaler = getattr(acc, "scaler", None)
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            torch.save(state, tmp / "train_state.pt")
+            torch.save(plain(state), tmp / "train_state.pt")
         acc.wait_for_everyone()  # all partitions on disk before consolidation and rename
 
         if acc.is_main_process:
             state_dict = self._plain_state_dict(model, tmp)
-            torch.save({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
-                        "epoch": epoch, "metrics": metrics}, tmp / "model.pt")
+            torch.save(plain({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
+                              "epoch": epoch, "metrics": metrics}), tmp / "model.pt")
             meta = {"step": step, "epoch": epoch, "metrics": metrics, "world_size": acc.num_processes,
                     "deepspeed": self.is_deepspeed}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
@@ -227,7 +287,7 @@ class Checkpointer:
             raise ValueError(f"{path}: saved {'with' if ds_dir.is_dir() else 'without'} DeepSpeed; resuming it "
                              f"{'with' if self.is_deepspeed else 'without'} DeepSpeed is not supported. "
                              "Start a new run from its weights (model.pt) instead.")
-        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        state = load_file(path / "train_state.pt")
         if self.is_deepspeed:
             if meta.get("world_size") != self.acc.num_processes:
                 raise ValueError(f"{path}: DeepSpeed checkpoint of {meta.get('world_size')} ranks cannot resume on "
@@ -235,7 +295,7 @@ class Checkpointer:
             model.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
                                   load_lr_scheduler_states=False)
         else:
-            blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            blob = load_file(path / "model.pt")
             self.acc.unwrap_model(model, keep_torch_compile=False).load_state_dict(blob["state_dict"])
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -246,7 +306,7 @@ class Checkpointer:
         rank_file = path / f"rank-{self.acc.process_index:05d}.pt"
         loader_state = None
         if rank_file.is_file() and meta.get("world_size") == self.acc.num_processes:
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            rank_state = load_file(rank_file)
             set_rng_state(rank_state["rng"])
             loader_state = rank_state["loader"]
         else:

@@ -33,7 +33,9 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         return train(cfg)
     except DataError as e:  # shards missing, empty, damaged: the message names the folder/shard/key
-        print(f"fdtrain train: data error: {e}", file=sys.stderr)
+        from fdtrain.cli import report
+
+        report(f"fdtrain train: data error: {e}")
         return 2
 
 

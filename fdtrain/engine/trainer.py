@@ -463,7 +463,9 @@ class Trainer:
             self.model.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_only=True,
                                        load_optimizer_states=False, load_lr_scheduler_states=False)
         else:
-            blob = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+            from fdtrain.engine.checkpoint import load_file
+
+            blob = load_file(ckpt / "model.pt")
             self.acc.unwrap_model(self.model, keep_torch_compile=False).load_state_dict(blob["state_dict"])
 
     # ---- misc --------------------------------------------------------------------------------
