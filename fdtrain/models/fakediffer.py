@@ -248,6 +248,13 @@ class FakeDiffer(nn.Module):
         logit, _ = self.classify(m, self._errors_for(x, recon))
         return logit  # (B,)
 
+    def forward_with_reconstructions(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference with the two reconstructions too (``fdtrain export --with-reconstructions``):
+        (logit (B,), X^r (B,3,H,W), X^f (B,3,H,W)); dual_recons returns its one decoder's output twice."""
+        x = x.contiguous(memory_format=self.memory_format)
+        out = self._forward_fused(x, x)  # in eval mode: no dropout, so the same logit as the inference forward
+        return out.logit, out.recon_real, out.recon_fake
+
     def _forward_fused(self, x: Tensor, x_noisy: Tensor) -> FakeDifferOutput:
         """One encoder pass; both decoders on the whole batch; the loss masks rows by label."""
         m = self.encode(x_noisy)  # (B,728,19,19) eq. 1
