@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fdtrain import FdtrainError
+
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
 TRACE_BATCH = 2
@@ -35,7 +37,7 @@ CHECK_BATCHES = (1, 3)
 ATOL = RTOL = 1e-4  # fp32 on both sides; a correct graph differs by ~1e-6 (reordered sums)
 
 
-class ExportError(ValueError):
+class ExportError(FdtrainError):
     """An export that cannot be made or did not match; the message says which input or output."""
 
 
