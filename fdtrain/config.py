@@ -118,15 +118,19 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     name: Literal["adam", "adamw"] = f("adam", "adam: coupled weight decay as torch.optim.Adam")
-    lr: float = f(2e-4, "peak learning rate")
+    lr: float = f(2e-4, "peak learning rate at optim.reference_batch (see lr_scaling)")
+    reference_batch: int = f(32, "global batch at which lr and the schedule lengths are defined; other global "
+                                 "batches convert them (same lr per sample seen); 0 = lengths in this run's steps")
+    lr_scaling: Literal["none", "linear", "sqrt"] = f(
+        "none", "peak lr at another global batch: unchanged, x (global/reference) or x sqrt(global/reference)")
     weight_decay: float = f(1e-5, "weight decay")
     betas: list[float] = f([0.9, 0.999], "Adam betas")
     eps: float = f(1e-8, "Adam epsilon")
     schedule: Literal["hold_step", "cosine", "constant"] = f(
         "hold_step", "after warmup: hold then step decay (released code), cosine or constant")
-    warmup_steps: int = f(10000, "linear warmup length in optimizer steps")
-    hold_steps: int = f(10000, "hold_step: steps at peak lr after warmup")
-    decay_every: int = f(3000, "hold_step: steps between decays")
+    warmup_steps: int = f(10000, "linear warmup length in steps at optim.reference_batch")
+    hold_steps: int = f(10000, "hold_step: steps at peak lr after warmup (at optim.reference_batch)")
+    decay_every: int = f(3000, "hold_step: steps between decays (at optim.reference_batch)")
     decay_rate: float = f(0.9, "hold_step: multiplicative decay")
     min_lr_ratio: float = f(0.0, "cosine: final lr as a fraction of the peak")
     grad_clip: float = f(0.0, "max gradient norm; 0 disables clipping (norm is still logged)")
@@ -471,7 +475,7 @@ def validate(cfg: Config) -> None:
                           "no '/', not '.' or '..'")
     for k in ("data.num_workers", "optim.warmup_steps", "train.max_steps", "checkpoint.keep_last",
               "train.steps_per_epoch", "train.max_nonfinite", "optim.hold_steps", "eval.every_steps",
-              "eval.max_batches", "checkpoint.every_steps", "logging.image_every"):
+              "eval.max_batches", "checkpoint.every_steps", "logging.image_every", "optim.reference_batch"):
         sec, name = k.split(".")
         if getattr(getattr(cfg, sec), name) < 0:
             raise ConfigError(f"{k}: must be >= 0, got {getattr(getattr(cfg, sec), name)}")
@@ -479,3 +483,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"logging.every_steps: must be >= 1 (log every N steps), got {cfg.logging.every_steps}")
     if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.train.max_steps == 0):
         raise ConfigError(f"train.epochs: must be >= 1 (or set train.max_steps), got {cfg.train.epochs}")
+    if cfg.optim.lr_scaling != "none" and not cfg.optim.reference_batch:
+        raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling} scales relative to optim.reference_batch, "
+                          "which is 0: set it (the global batch optim.lr was tuned at)")

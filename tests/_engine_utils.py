@@ -79,7 +79,7 @@ def overrides(data: Path, out_dir: Path, name: str, **extra) -> list[str]:
         "data.backend": "dali", "data.num_threads": 1, "data.num_workers": 1, "data.prefetch": 1,
         "data.shuffle_buffer": 16,
         "train.mixed_precision": "no", "train.epochs": 1,
-        "optim.lr": 5e-4, "optim.warmup_steps": 4, "optim.schedule": "constant",
+        "optim.lr": 5e-4, "optim.warmup_steps": 4, "optim.schedule": "constant", "optim.reference_batch": 4,
         "logging.every_steps": 4, "logging.image_every": 8, "logging.progress": "plain",
         "checkpoint.keep_last": 2,
     }
@@ -195,3 +195,28 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProce
         proc = run(fdtrain_cmd("train", str(recipe), *overrides(data, root / "runs", "tiny", **{"train.epochs": 3})))
         _TRAINED["run"] = (data, root / "runs" / "tiny", proc)
     return _TRAINED["run"]
+
+
+def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar in a run's TensorBoard events (all event files: resumed runs add one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars(tag)}
+
+
+def in_process(cfg, keys: list | None = None) -> int:
+    """Trainer.fit() in this process (the hook records each batch's step and keys)."""
+    from fdtrain.engine.trainer import Trainer
+
+    reset_accelerate()
+    trainer = Trainer(cfg)
+    if keys is not None:
+        trainer.on_batch = lambda step, batch: keys.append((step, tuple(batch["key"])))
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+        trainer.acc.end_training()
+        reset_accelerate()

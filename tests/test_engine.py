@@ -50,22 +50,6 @@ def test_fresh_run_refuses_a_run_folder_with_checkpoints(trained):
     assert "already has checkpoints" in proc.stderr and "--resume auto" in proc.stderr
 
 
-def _in_process(cfg, keys: list | None = None) -> int:
-    """Trainer.fit() in this process (the hook records each batch's keys)."""
-    from fdtrain.engine.trainer import Trainer
-
-    U.reset_accelerate()
-    trainer = Trainer(cfg)
-    if keys is not None:
-        trainer.on_batch = lambda step, batch: keys.append((step, tuple(batch["key"])))
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
-        trainer.acc.end_training()
-        U.reset_accelerate()
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     return U.write_easy_dataset(tmp_path_factory.mktemp("small") / "data")
@@ -81,9 +65,9 @@ def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
             "optim.schedule": "hold_step", "optim.hold_steps": 6, "optim.decay_every": 3}))
 
     keys_a, keys_b, keys_c = [], [], []
-    assert _in_process(cfg("full", 20), keys_a) == 0
-    assert _in_process(cfg("split", 10), keys_b) == 0
-    assert _in_process(cfg("split", 20, resume="auto"), keys_c) == 0
+    assert U.in_process(cfg("full", 20), keys_a) == 0
+    assert U.in_process(cfg("split", 10), keys_b) == 0
+    assert U.in_process(cfg("split", 20, resume="auto"), keys_c) == 0
 
     assert [s for s, _ in keys_a] == list(range(20))
     assert keys_b + keys_c == keys_a  # same data order, resumed at step 10 of epoch 0 (16 steps/epoch)
@@ -103,7 +87,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(small_d
     cfg = resolve(None, U.overrides(small_data, tmp_path, "nan", **{
         "train.max_steps": 20, "train.max_nonfinite": 2, "optim.lr": 1e30, "optim.warmup_steps": 0,
         "checkpoint.every_steps": 1, "data.val": "", "data.test": {}}))
-    assert _in_process(cfg) == 3
+    assert U.in_process(cfg) == 3
     out = capsys.readouterr().out
     assert "3 non-finite steps exceed train.max_nonfinite=2" in out
     newest = ck.newest_checkpoint(tmp_path / "nan" / "checkpoints")
@@ -118,7 +102,7 @@ def test_grad_accumulation_and_test_set_selection_label(small_data, tmp_path):
     cfg = resolve(None, U.overrides(small_data, tmp_path, "acc", **{
         "train.max_steps": 3, "train.grad_accum": 2, "eval.every_steps": 3, "eval.select_on": "test",
         "data.val": ""}))
-    assert _in_process(cfg, keys) == 0
+    assert U.in_process(cfg, keys) == 0
     assert [s for s, _ in keys] == [0, 0, 1, 1, 2, 2]  # two micro-batches per optimizer step
     m = U.metrics(tmp_path / "acc")
     assert m["final_step"] == 3
@@ -130,7 +114,7 @@ def test_bf16_autocast_trains_and_saves_fp32_weights(small_data, tmp_path):
     cfg = resolve(None, U.overrides(small_data, tmp_path, "bf16", **{
         "train.max_steps": 2, "train.mixed_precision": "bf16", "data.val": "", "data.test": {},
         "logging.every_steps": 1}))
-    assert _in_process(cfg) == 0
+    assert U.in_process(cfg) == 0
     sd = U.load_state_dict(ck.newest_checkpoint(tmp_path / "bf16" / "checkpoints"))
     assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float32}
     assert all(torch.isfinite(v).all() for v in sd.values())

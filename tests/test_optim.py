@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fdtrain.config import OptimConfig
-from fdtrain.engine.optim import build_optimizer, build_scheduler, lr_factor
+from fdtrain.engine.optim import Schedule, apply_schedule, build_optimizer, build_scheduler, lr_factor
 
 
 def cfg(**kw) -> OptimConfig:
@@ -41,9 +41,9 @@ def test_paper_recipe_numbers():
 def test_cosine_runs_from_peak_to_floor():
     c = cfg(schedule="cosine", min_lr_ratio=0.1)
     total = 300
-    assert lr_factor(100, c, total) == pytest.approx(1.0)
-    assert lr_factor(200, c, total) == pytest.approx(0.55)
-    assert lr_factor(300, c, total) == pytest.approx(0.1)
+    assert lr_factor(99, c, total) == pytest.approx(1.0)  # the last warmup step reaches the peak
+    assert lr_factor(199, c, total) == pytest.approx(0.55)
+    assert lr_factor(299, c, total) == pytest.approx(0.1)  # the last update is at the floor
     assert lr_factor(10_000, c, total) == pytest.approx(0.1)  # past the end: stays at the floor
 
 
@@ -89,3 +89,70 @@ def test_optimizer_errors_name_the_field():
     with pytest.raises(ValueError, match="optim.schedule"):
         lr_factor(200, cfg(schedule="linear"), 10)
     assert math.isclose(lr_factor(0, cfg(), 10), 0.01)
+
+
+# ---- scale: schedule lengths at optim.reference_batch, converted to the run's global batch ----
+def _lrs_by_samples(c: OptimConfig, global_batch: int, samples: int) -> dict[int, float]:
+    """{samples seen through the update: lr of that update} for a run of ``samples`` samples."""
+    total = samples // global_batch
+    s = Schedule(c, global_batch, total)
+    return {(k + 1) * global_batch: s.lr(k) for k in range(total)}
+
+
+@pytest.mark.parametrize("schedule", ["hold_step", "cosine", "constant"])
+def test_lr_is_the_same_function_of_samples_at_any_global_batch(schedule):
+    c = cfg(schedule=schedule, reference_batch=32, warmup_steps=100, hold_steps=50, decay_every=30, min_lr_ratio=0.1)
+    ref = _lrs_by_samples(c, 32, 32 * 400)
+    assert ref == {(k + 1) * 32: c.lr * lr_factor(k, c, 400) for k in range(400)}  # at the reference: unchanged
+    for g in (64, 256, 640):  # dividing the run, so the cosine spans the same samples
+        big = _lrs_by_samples(c, g, 32 * 400)
+        assert len(big) == 32 * 400 // g
+        for n, lr in big.items():
+            assert lr == pytest.approx(ref[n], rel=1e-12), (g, n)
+
+
+def test_global_batch_shortens_the_schedule_in_steps():
+    c = OptimConfig()  # paper: 10,000 warmup + 10,000 hold, x0.9 every 3,000 steps at batch 32
+    s = Schedule(c, 256, 10**6)  # 8 GPUs x 32
+    assert s.in_steps(c.warmup_steps) == 1250 and s.in_steps(c.decay_every) == 375
+    assert s.lr(1248) < c.lr and s.lr(1249) == c.lr  # warmup ends after 1250 steps ...
+    assert s.lr(2499) == c.lr and s.lr(2500) == pytest.approx(0.9 * c.lr)  # ... the hold after 2500
+    assert s.lr(2500 + 374) == pytest.approx(0.9 * c.lr) and s.lr(2500 + 375) == pytest.approx(0.81 * c.lr)
+    off = Schedule(OptimConfig(reference_batch=0), 256, 10**6)  # no conversion: the recipe's steps
+    assert off.in_steps(10000) == 10000 and off.lr(9998) < c.lr and off.lr(9999) == c.lr
+
+
+@pytest.mark.parametrize("scaling,mult", [("none", 1.0), ("linear", 8.0), ("sqrt", math.sqrt(8.0))])
+def test_lr_scaling_sets_the_peak(scaling, mult):
+    c = OptimConfig(lr_scaling=scaling, warmup_steps=0)
+    assert Schedule(c, 256, 100).peak_lr == pytest.approx(2e-4 * mult)
+    assert Schedule(c, 256, 100).lr(0) == pytest.approx(2e-4 * mult)
+    assert Schedule(c, 32, 100).peak_lr == pytest.approx(2e-4)  # at the reference batch: the recipe's lr
+
+
+def test_lr_scaling_needs_a_reference_batch():
+    from fdtrain.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="optim.reference_batch"):
+        from_dict({"optim": {"lr_scaling": "sqrt", "reference_batch": 0}})
+
+
+def test_rebuilt_schedule_continues_from_the_samples_seen():
+    """A resumed run with a longer cosine: the next lr is the new schedule's at the saved position,
+    also when the global batch changed (position counted in samples)."""
+    c = cfg(schedule="cosine", reference_batch=32, warmup_steps=10)
+    model = torch.nn.Linear(3, 1)
+    opt = build_optimizer(model, c)
+    old = Schedule(c, 32, 50)
+    sched = build_scheduler(opt, c, 50, schedule=old)
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # old schedule: at its floor
+    new = Schedule(c, 64, 75)  # extended to 100 reference steps (the 25 new steps at batch 64)
+    sched2 = build_scheduler(opt, c, 75, schedule=new)
+    sched2.load_state_dict(sched.state_dict())
+    new.rebase(50, 50 * 32)
+    apply_schedule(sched2, c, 50)
+    want = Schedule(c, 32, 100).lr(51)  # the same samples (52 x 32) in a fresh 100-step run at batch 32
+    assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12) and want > 0.5 * c.lr

@@ -176,16 +176,31 @@ def test_demo_recipe_is_a_cpu_recipe():
 
 @pytest.mark.parametrize("name,gpus", [("node8", 8), ("multinode", 32)])
 def test_scale_recipes_follow_their_stated_rule(name, gpus):
-    """Per-GPU batch 32; lr = 2e-4 sqrt(global/32); step-counted periods divided by the GPU count."""
+    """Per-GPU batch 32; the paper's schedule as written, converted by the engine at the global batch;
+    peak lr = 2e-4 sqrt(global/32); validation and checkpoints by steps."""
+    from fdtrain.engine.optim import Schedule
+
     recipe = RECIPES / "scale" / f"{name}.yaml"
     c = resolve(recipe)
     k = gpus  # global batch / paper batch
     assert c.data.batch_size == 32
-    assert math.isclose(c.optim.lr, 2e-4 * math.sqrt(k), rel_tol=0.01)
-    assert abs(c.optim.warmup_steps - 10000 / k) <= 1 and abs(c.optim.hold_steps - 10000 / k) <= 1
-    assert abs(c.optim.decay_every - 3000 / k) <= 1
-    assert f"{32 * k}" in _header(recipe), f"{_id(recipe)}: header does not state the global batch {32 * k}"
+    o = c.optim
+    assert (o.lr, o.warmup_steps, o.hold_steps, o.decay_every, o.reference_batch) == (2e-4, 10000, 10000, 3000, 32)
+    assert o.lr_scaling == "sqrt"
+    s = Schedule(o, 32 * k, 10**6)
+    assert math.isclose(s.peak_lr, 2e-4 * math.sqrt(k), rel_tol=1e-9)
+    assert s.in_steps(o.warmup_steps) == 10000 / k and s.in_steps(o.decay_every) == 3000 / k
+    head = _header(recipe)
+    assert f"{32 * k}" in head, f"{_id(recipe)}: header does not state the global batch {32 * k}"
+    assert f"{2e-4 * math.sqrt(k):.2e}".split("e")[0] in head, f"{_id(recipe)}: header does not state the peak lr"
     assert c.train.mixed_precision == "bf16"
+    assert c.eval.every_steps > 0 and c.checkpoint.every_steps > 0  # an epoch is short at this scale
+
+
+def test_paper_recipes_define_the_schedule_at_batch_32():
+    for recipe in PAPER:
+        c = resolve(recipe)
+        assert (c.optim.reference_batch, c.optim.lr_scaling) == (32, "none"), _id(recipe)
 
 
 # ------------------------------------------------------------------------- accelerate, deepspeed

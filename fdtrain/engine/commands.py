@@ -9,6 +9,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe (may name a `base:` recipe)")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint of the run) or a checkpoint path")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-schedule", action="store_true",
+                   help="print the effective lr schedule (global batch, steps/epoch, warmup/hold/decay in steps "
+                        "and epochs, peak lr) for --processes ranks and exit; nothing is built")
+    p.add_argument("--processes", type=int, default=0,
+                   help="with --print-schedule: number of ranks (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--train-samples", type=int, default=0,
+                   help="with --print-schedule: training samples (default: data.train's manifest.json)")
     p.epilog = "Any config field can be overridden: --section.key=value (e.g. --optim.lr=1e-4 --data.batch_size=16)."
 
 
@@ -21,6 +28,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
+    if args.print_schedule:
+        return _print_schedule(cfg, args)
     try:
         from fdtrain.engine.trainer import train
     except ModuleNotFoundError as e:
@@ -37,6 +46,31 @@ def run_train(args: argparse.Namespace) -> int:
 
         report(f"fdtrain train: data error: {e}")
         return 2
+
+
+def _print_schedule(cfg, args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from fdtrain.config import ConfigError
+    from fdtrain.engine.optim import plan
+
+    processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    samples = args.train_samples
+    if not samples:
+        manifest = Path(cfg.data.train) / "manifest.json"
+        try:
+            samples = int(json.loads(manifest.read_text())["num_samples"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--print-schedule: cannot read the training set size from data.train={cfg.data.train} "
+                              f"({manifest}: {type(e).__name__}); pass --train-samples N") from None
+    if processes < 1 or samples < 1:
+        raise ConfigError("--print-schedule: --processes and --train-samples must be >= 1")
+    schedule, spe = plan(cfg, samples, processes)
+    print(f"{samples} training samples")
+    print(schedule.describe(spe, batch=cfg.data.batch_size, processes=processes, grad_accum=cfg.train.grad_accum))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------

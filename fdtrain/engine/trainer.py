@@ -24,7 +24,7 @@ from fdtrain.config import Config, ConfigError
 from fdtrain.engine import evaluate as ev
 from fdtrain.engine.accel import build_accelerator, is_deepspeed, reduce_max
 from fdtrain.engine.checkpoint import Checkpointer, best_checkpoint, list_checkpoints, newest_checkpoint
-from fdtrain.engine.optim import build_optimizer, build_scheduler
+from fdtrain.engine.optim import Schedule, apply_schedule, build_optimizer, build_scheduler, optimizer_steps_per_epoch
 from fdtrain.engine.signals import PreemptionHandler
 from fdtrain.engine.tblog import Progress, TBLogger
 
@@ -62,8 +62,10 @@ class Trainer:
                                    device=acc.device)
         self.steps_per_epoch = self._optimizer_steps_per_epoch()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.global_batch = cfg.data.batch_size * acc.num_processes * cfg.train.grad_accum
         optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.schedule = Schedule(cfg.optim, self.global_batch, self.total_steps)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, schedule=self.schedule)
         if self.deepspeed and not all(p.is_contiguous() for p in model.parameters()):
             # DeepSpeed broadcasts and flattens parameters as contiguous byte buffers; channels_last
             # conv weights (model.channels_last) are refused there, so they go back to NCHW.
@@ -104,13 +106,12 @@ class Trainer:
         """Optimizer steps per epoch; the remainder micro-batches (< grad_accum) are dropped so that
         epochs and accumulation windows line up (and resume lands on a window boundary)."""
         micro = len(self.loader)
-        if self.cfg.train.steps_per_epoch:
-            if self.cfg.train.steps_per_epoch > micro:
-                log.warning("train.steps_per_epoch=%d exceeds the loader's %d batches; using %d",
-                            self.cfg.train.steps_per_epoch, micro, micro)
-            micro = min(micro, self.cfg.train.steps_per_epoch)
-        steps = micro // self.cfg.train.grad_accum
+        if self.cfg.train.steps_per_epoch > micro:
+            log.warning("train.steps_per_epoch=%d exceeds the loader's %d batches; using %d",
+                        self.cfg.train.steps_per_epoch, micro, micro)
+        steps = optimizer_steps_per_epoch(micro, self.cfg.train)
         if steps == 0:
+            micro = min(micro, self.cfg.train.steps_per_epoch or micro)
             raise ConfigError(f"data.train: {micro} batches per epoch per rank cannot fill one optimizer step of "
                               f"train.grad_accum={self.cfg.train.grad_accum}; lower data.batch_size or grad_accum")
         return steps
@@ -118,7 +119,34 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "best": self.best,
-                "last_metrics": self.last_metrics}
+                "last_metrics": self.last_metrics, "samples": self.schedule.samples_at(self.step),
+                "schedule": self._schedule_summary()}
+
+    def _schedule_summary(self) -> dict[str, Any]:
+        """What a resumed run compares to see whether its config changed the schedule."""
+        c = self.cfg.optim
+        return {"global_batch": self.global_batch, "total_steps": self.total_steps, "peak_lr": self.schedule.peak_lr,
+                "reference_batch": c.reference_batch, "lr_scaling": c.lr_scaling, "schedule": c.schedule,
+                "warmup_steps": c.warmup_steps, "hold_steps": c.hold_steps, "decay_every": c.decay_every,
+                "decay_rate": c.decay_rate, "min_lr_ratio": c.min_lr_ratio}
+
+    def _rebuild_schedule(self, trainer_state: dict[str, Any], path: Path) -> None:
+        """The schedule of *this* config, continued from the samples the checkpoint had seen.
+
+        LambdaLR's saved state holds the old base lr and the optimizer the old next lr; both are
+        replaced, so a raised max_steps/epochs (cosine length), a new lr or another global batch take
+        effect from the first resumed step instead of the old schedule's end (lr 0 for cosine).
+        """
+        samples = int(trainer_state.get("samples", self.step * self.global_batch))
+        self.schedule.rebase(self.step, samples)
+        apply_schedule(self.scheduler, self.cfg.optim, self.step)
+        old, new = trainer_state.get("schedule"), self._schedule_summary()
+        if old is None:
+            return
+        changed = [f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v]
+        if changed:
+            self._say(f"schedule rebuilt from the new config at step {self.step} ({samples} samples seen, "
+                      f"checkpoint {path.name}): {', '.join(changed)}; next lr {self.schedule.lr(self.step):.4g}")
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.nonfinite = sd.get("nonfinite", 0)
@@ -142,6 +170,7 @@ class Trainer:
         state = self.ckpt.load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.step, self.epoch = state["step"], state["epoch"]
         self.load_state_dict(state["trainer"])
+        self._rebuild_schedule(state["trainer"], path)
         if state["loader"] is not None:
             self.loader.load_state_dict(state["loader"])
             pos = self.loader.state_dict()  # the loader may roll a finished epoch over
@@ -163,6 +192,8 @@ class Trainer:
                 cfg.save(self.run_dir / "config.yaml")
                 (self.run_dir / "preempted.json").unlink(missing_ok=True)
                 self.tb.config(cfg.to_yaml(), _flat(cfg.to_dict()))
+            self._say(self.schedule.describe(self.steps_per_epoch, batch=cfg.data.batch_size,
+                                             processes=self.acc.num_processes, grad_accum=cfg.train.grad_accum))
             self.progress = Progress(self.total_steps, self.step, mode=cfg.logging.progress,
                                      enabled=self.acc.is_main_process)
             self._say(f"training {self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch) on "
