@@ -144,7 +144,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     partial = list(ckpt_dir.glob(".tmp-step-*"))
     assert partial, "the kill did not land during a write"
     newest = ck.newest_checkpoint(ckpt_dir)
-    assert newest is not None and int(partial[0].name.split("-")[-1]) > int(newest.name.split("-")[-1])
+    assert newest is not None and int(partial[0].name.split("-")[2]) > int(newest.name.split("-")[-1])
     model, cfg = load_model(newest)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     torch.load(newest / "train_state.pt", map_location="cpu", weights_only=True)

@@ -57,3 +57,83 @@ def test_resume_from_a_crafted_checkpoint_runs_nothing(tmp_path, data):
     proc = _train(tmp_path, data, "victim", "--resume", str(crafted), **{"train.max_steps": 4})
     _one_message(proc, f"{crafted / 'train_state.pt'}: refused: unpickling it would import", "system")
     assert not marker.exists()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 100-byte PNG whose header claims width x height pixels: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def _audio_only_mp4(path) -> None:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("aac", rate=8000)
+        for i in range(3):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, i * 1024
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode(None):
+            c.mux(packet)
+
+
+def test_predict_reports_each_bad_input_and_scores_the_rest(tmp_path, data):
+    """A decompression bomb and a container without a video stream get an error in their JSON line;
+    the inputs after them are still scored."""
+    import json
+    import tarfile
+
+    from fdtrain.config import from_dict
+    from fdtrain.models import create_model_from_config
+
+    cfg = from_dict({"model": {"input_size": 64}})
+    torch.save({"format": ck.MODEL_FORMAT, "config": cfg.to_dict(), "step": 0, "epoch": 0, "metrics": {},
+                "state_dict": create_model_from_config(cfg.model).state_dict()}, tmp_path / "model.pt")
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(40000, 40000))
+    _audio_only_mp4(tmp_path / "audio.mp4")
+    with tarfile.open(data / "test" / "shard-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "face.jpg").write_bytes(tar.extractfile(member).read())
+    inputs = [tmp_path / n for n in ("bomb.png", "audio.mp4", "face.jpg")]
+    proc = U.run(U.fdtrain_cmd("predict", "--checkpoint", str(tmp_path / "model.pt"), *map(str, inputs)))
+    assert proc.returncode == 1, U.explain(proc)  # some inputs could not be scored
+    bomb, audio, face = (json.loads(line) for line in proc.stdout.splitlines())
+    assert bomb["score"] is None and "DecompressionBombError" in bomb["error"] and "1600000000 pixels" in bomb["error"]
+    assert audio["score"] is None and "no video stream in this container (streams: ['audio'])" in audio["error"]
+    assert 0.0 <= face["score"] <= 1.0 and face["label"] in ("real", "fake")
+    assert "2 input(s) could not be scored" in proc.stderr
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 96 MiB tmpfs: room for the run folder, not for a checkpoint (about 170 MB)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_is_one_message(tmp_path, data, small_disk):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {name: full}\n")
+    args = U.overrides(data, small_disk, "full", **{"data.test": {}, "data.val": "", "train.max_steps": 1})
+    proc = U.run(U.fdtrain_cmd("train", str(recipe), *args))
+    line = _one_message(proc, "disk full while writing checkpoint", str(small_disk / "full" / "checkpoints"),
+                        "free on the file system of", "--resume auto")
+    assert re.search(r"rank 0; \d+(\.\d)? (B|KiB|MiB) free", line), line
+    assert not list((small_disk / "full" / "checkpoints").iterdir()), "the incomplete checkpoint was left behind"

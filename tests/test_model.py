@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from fdtrain.config import Config
+from fdtrain.config import Config, ConfigError
 from fdtrain.inference import load_model
 from fdtrain.losses import FakeDifferLoss
 from fdtrain.models import FakeDifferOutput, create_model, create_model_from_config
@@ -225,13 +225,26 @@ def test_pretrained_missing_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(ConfigError) as e:
         create_model(pretrained=True)
     msg = str(e.value)
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "xception-43020ad28.pth") in msg
     assert "model.pretrained_path" in msg and "model.pretrained=false" in msg
-    with pytest.raises(FileNotFoundError, match="model.pretrained_path"):
+    with pytest.raises(ConfigError, match="model.pretrained_path: no such file"):
         create_model(pretrained=True, pretrained_path=str(tmp_path / "nope.pth"))
+
+
+def test_pretrained_file_that_is_not_xception_weights_is_refused(tmp_path):
+    """Garbage, another network's weights or a pickle that runs code: one message naming the file."""
+    garbage, foreign, crafted = tmp_path / "garbage.pth", tmp_path / "resnet.pth", tmp_path / "crafted.pth"
+    garbage.write_bytes(b"\x00\x01not weights" * 100)
+    torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), foreign)
+    torch.save({"conv1.weight": __import__("os").system}, crafted)
+    for f, why in [(garbage, "not a weights file torch can read safely"),
+                   (foreign, "not ImageNet weights of legacy_xception: 27[34] of 274 backbone tensors"),
+                   (crafted, "not a weights file torch can read safely")]:
+        with pytest.raises(ConfigError, match=f"model.pretrained_path: {f}: {why}"):
+            create_model(pretrained=True, pretrained_path=str(f))
 
 
 def test_create_model_rejects_bad_fields():

@@ -53,6 +53,9 @@ def count_frames(path: str | os.PathLike) -> int:
     import av
 
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream in this container "
+                             f"(streams: {[s.type for s in container.streams] or 'none'})")
         stream = container.streams.video[0]
         if stream.frames and stream.frames > 0:
             return int(stream.frames)

@@ -11,21 +11,26 @@ Layout of ``runs/<name>/checkpoints/``::
                               which replaces the optimizer in train_state.pt
       meta.json               step, epoch, metrics, world size, written last
     best -> step-00000800     symlink to the best checkpoint by eval.metric, with best.json beside it
-    .tmp-step-00001400/       a checkpoint being written; never read, removed on the next start
+    .tmp-step-00001400-TOKEN/ a checkpoint being written by the run whose token it carries; never read,
+                              removed by the next run that takes the folder's lock
 
-Atomicity: every rank writes into ``.tmp-step-N/``; after a barrier rank 0 fsyncs and renames it to
+Atomicity: every rank writes into ``.tmp-step-N-TOKEN/``; after a barrier rank 0 fsyncs and renames it to
 ``step-N/``. A crash (even kill -9) mid-write leaves only a ``.tmp-`` folder, so the newest complete
 checkpoint is untouched. The last ``checkpoint.keep_last`` checkpoints plus the best are kept.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import pickle
 import random
 import re
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 MODEL_FORMAT = "fdtrain-model-v1"
 DS_TAG = "state"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
+LOW_SPACE = 256 * 2**20  # a write failing with less than this free is reported as a full disk
 
 
 def step_dir_name(step: int) -> str:
@@ -195,9 +201,13 @@ class Checkpointer:
         self.keep_last = max(1, keep_last)  # the newest is always kept: it is what --resume uses
         self.keep_best = keep_best
         self.is_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        # Temporary folders carry this run's token: a process removes only what it wrote.
+        self.token = _broadcast(accelerator, f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
         if self.acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(".tmp-step-*"):  # left by a crash mid-write
+            # The caller holds the run folder's lock (fdtrain.engine.runlock), so a .tmp- folder here
+            # was left by a run that died while writing it, never by a live one.
+            for stale in self.dir.glob(".tmp-step-*"):
                 log.warning("removing incomplete checkpoint %s (a previous run died while writing it)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         self.acc.wait_for_everyone()
@@ -205,43 +215,75 @@ class Checkpointer:
     # ---- save ---------------------------------------------------------------------------
     def save(self, *, step: int, epoch: int, model, optimizer, scheduler, config: dict, metrics: dict,
              trainer_state: dict, loader_state: dict) -> Path:
+        """Write ``step-N/`` atomically; every rank calls it. A write that fails on any rank (a full
+        disk) removes the incomplete folder and raises :class:`CheckpointError` on every rank."""
         final = self.dir / step_dir_name(step)
-        tmp = self.dir / f".tmp-{step_dir_name(step)}"
+        tmp = self.dir / f".tmp-{step_dir_name(step)}-{self.token}"
         if final.is_dir():  # e.g. best and periodic at the same step
             return final
         acc = self.acc
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
+        with self._all_ranks(tmp):
+            if acc.is_main_process:
+                tmp.mkdir(parents=True)
 
-        if self.is_deepspeed:  # every rank writes its ZeRO partition of the optimizer
-            model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
-        torch.save(plain({"rng": rng_state(), "loader": loader_state}),
-                   tmp / f"rank-{acc.process_index:05d}.pt")
-        if acc.is_main_process:
-            state = {"scheduler": scheduler.state_dict(), "trainer": trainer_state, "step": step, "epoch": epoch}
-            if not self.is_deepspeed:
-                state["optimizer"] = optimizer.state_dict()
-            scaler = getattr(acc, "scaler", None)
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            torch.save(plain(state), tmp / "train_state.pt")
-        acc.wait_for_everyone()  # all partitions on disk before consolidation and rename
+        with self._all_ranks(tmp):  # all partitions on disk before consolidation and rename
+            if self.is_deepspeed:  # every rank writes its ZeRO partition of the optimizer
+                model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
+            torch.save(plain({"rng": rng_state(), "loader": loader_state}),
+                       tmp / f"rank-{acc.process_index:05d}.pt")
+            if acc.is_main_process:
+                state = {"scheduler": scheduler.state_dict(), "trainer": trainer_state, "step": step, "epoch": epoch}
+                if not self.is_deepspeed:
+                    state["optimizer"] = optimizer.state_dict()
+                scaler = getattr(acc, "scaler", None)
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
+                torch.save(plain(state), tmp / "train_state.pt")
 
-        if acc.is_main_process:
-            state_dict = self._plain_state_dict(model, tmp)
-            torch.save(plain({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
-                              "epoch": epoch, "metrics": metrics}), tmp / "model.pt")
-            meta = {"step": step, "epoch": epoch, "metrics": metrics, "world_size": acc.num_processes,
-                    "deepspeed": self.is_deepspeed}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
-            _fsync_tree(tmp)
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
-            log.info("checkpoint saved: %s", final)
-        acc.wait_for_everyone()
+        with self._all_ranks(tmp):
+            if acc.is_main_process:
+                state_dict = self._plain_state_dict(model, tmp)
+                torch.save(plain({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
+                                  "epoch": epoch, "metrics": metrics}), tmp / "model.pt")
+                meta = {"step": step, "epoch": epoch, "metrics": metrics, "world_size": acc.num_processes,
+                        "deepspeed": self.is_deepspeed}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
+                _fsync_tree(tmp)
+                os.rename(tmp, final)
+                _fsync_dir(self.dir)
+                log.info("checkpoint saved: %s", final)
         return final
+
+    @contextlib.contextmanager
+    def _all_ranks(self, tmp: Path):
+        """Run one phase of a save on every rank, then agree (a collective, so also a barrier): a
+        write error on any rank becomes the same CheckpointError on all of them."""
+        problem = None
+        try:
+            yield
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            problem = self._explain_write_error(e, tmp)
+        problems = [problem]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            problems = gather_object([problem])
+        problems = list(dict.fromkeys(p for p in problems if p))
+        if problems:
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            newest = newest_checkpoint(self.dir)
+            raise CheckpointError("; ".join(problems) + f". The incomplete checkpoint was removed; the newest "
+                                  f"complete one is {newest or 'none'}. Free some space and continue with "
+                                  "--resume auto")
+
+    def _explain_write_error(self, e: Exception, tmp: Path) -> str:
+        free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < LOW_SPACE
+        what = "disk full" if full else f"write failed ({first})"
+        return (f"{what} while writing checkpoint {tmp} on rank {self.acc.process_index}; "
+                f"{_human(free)} free on the file system of {self.dir}")
 
     def _plain_state_dict(self, model, tmp: Path) -> dict[str, torch.Tensor]:
         """fp32 weights with the plain model's keys (no DDP/DeepSpeed/compile wrappers)."""
@@ -277,10 +319,27 @@ class Checkpointer:
     # ---- load ---------------------------------------------------------------------------
     def load(self, path: str | os.PathLike, *, model, optimizer, scheduler) -> dict[str, Any]:
         """Restore model, optimizer, scheduler, scaler and this rank's RNG; returns
-        ``{"step", "epoch", "trainer", "loader"}``."""
+        ``{"step", "epoch", "trainer", "loader"}``. A file that fails on any rank (its own rank-N.pt
+        damaged) raises the same CheckpointError on every rank."""
+        problem, out = None, None
+        try:
+            out = self._load(path, model=model, optimizer=optimizer, scheduler=scheduler)
+        except CheckpointError as e:
+            problem = str(e)
+        problems = [problem]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            problems = gather_object([problem])
+        problems = list(dict.fromkeys(p for p in problems if p))
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        return out
+
+    def _load(self, path: str | os.PathLike, *, model, optimizer, scheduler) -> dict[str, Any]:
         path = Path(path)
         if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{path}: not a complete fdtrain checkpoint (no meta.json)")
+            raise CheckpointError(f"{path}: not a complete fdtrain checkpoint (no meta.json)")
         meta = json.loads((path / "meta.json").read_text())
         ds_dir = path / "deepspeed"
         if self.is_deepspeed != ds_dir.is_dir():
@@ -314,6 +373,23 @@ class Checkpointer:
                         "restarts at the saved epoch", path, meta.get("world_size"), self.acc.num_processes)
         return {"step": state["step"], "epoch": state["epoch"], "trainer": state.get("trainer", {}),
                 "loader": loader_state}
+
+
+def _broadcast(acc, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -118,7 +118,8 @@ class Predictor:
             else:
                 return {**rec, "score": None, "error": f"unsupported file type '{suffix}' "
                                                          f"(images {IMAGE_EXTS}, videos {VIDEO_EXTS})"}
-        except (OSError, ValueError) as e:  # unreadable file, undecodable stream: report and go on
+        except Exception as e:  # noqa: BLE001 - whatever one input does (a decompression bomb, a container
+            # without video, a decoder crash), the others are still scored; its line says why it was not
             return {**rec, "score": None, "error": f"{type(e).__name__}: {e}"}
         rec["label"] = "fake" if rec["score"] > self.opts.threshold else "real"
         return rec

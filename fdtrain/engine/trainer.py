@@ -535,11 +535,21 @@ def train(cfg: Config) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    trainer = Trainer(cfg)
+    from fdtrain import FdtrainError
+    from fdtrain.data import DataError
+
     try:
-        code = trainer.fit()
-    finally:
-        trainer.close()  # local resources only: no collective here, a failing rank must not hang
+        trainer = Trainer(cfg)
+        try:
+            code = trainer.fit()
+        finally:
+            trainer.close()  # local resources only: no collective here, a failing rank must not hang
+    except (ConfigError, DataError, FdtrainError):
+        # every rank raises these at the same point (checks at start, agreed save/load errors): end the
+        # process group here, as a normal exit does, so that no rank aborts in gloo's teardown
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
     trainer.acc.end_training()
     return code
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn as nn
+
+from fdtrain.config import ConfigError
 
 # Middle-flow blocks kept in front of the exit flow: the released code runs blocks 9, 10, 11 on the
 # fused features T, then block12 and the exit convolutions.
@@ -50,7 +53,7 @@ def find_pretrained_weights(backbone: str, pretrained_path: str = "") -> Path:
     if pretrained_path:
         p = Path(pretrained_path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"model.pretrained_path: no such file: {p}")
+            raise ConfigError(f"model.pretrained_path: no such file: {p}")
         return p
     cfg = timm.models.get_pretrained_cfg(backbone)
     tried: list[str] = []
@@ -74,7 +77,7 @@ def find_pretrained_weights(backbone: str, pretrained_path: str = "") -> Path:
     except ImportError:
         tried.append("Hugging Face cache (huggingface_hub not installed)")
     where = tried[0] if tried else "a file of your choice"
-    raise FileNotFoundError(
+    raise ConfigError(
         f"model.pretrained=true but no ImageNet weights for '{backbone}' were found locally. Looked in: "
         + "; ".join(tried)
         + f". Download {url or hub_id} on a machine with internet access and put it at {where}, "
@@ -83,11 +86,39 @@ def find_pretrained_weights(backbone: str, pretrained_path: str = "") -> Path:
     )
 
 
+def check_pretrained_weights(backbone: str, path: Path) -> None:
+    """Refuse a weights file that is not ``backbone``'s (garbage, another model, a crafted pickle)
+    before timm loads it: timm accepts a partial match with a warning, which would train from
+    mostly random weights while the recipe says ImageNet."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to parse is the same message to the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model.pretrained_path: {path}: not a weights file torch can read safely "
+                          f"({first})") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"model.pretrained_path: {path}: not a state dict of tensors")
+    want = timm.create_model(backbone, pretrained=False).state_dict()
+    head = {k for k in want if k.split(".")[0] in ("fc", "classifier", "head")}  # replaced by our 1-logit head
+    wrong = [k for k in want if k not in head and (k not in sd or tuple(sd[k].shape) != tuple(want[k].shape))]
+    if wrong:
+        raise ConfigError(f"model.pretrained_path: {path}: not ImageNet weights of {backbone}: {len(wrong)} of "
+                          f"{len(want) - len(head)} backbone tensors missing or of another shape "
+                          f"(e.g. {', '.join(wrong[:3])})")
+
+
 def create_backbone(backbone: str, pretrained: bool, pretrained_path: str = "", **kwargs) -> nn.Module:
     """A timm backbone with one output logit; ImageNet weights only from a local file."""
     if not pretrained:
         return timm.create_model(backbone, pretrained=False, num_classes=1, **kwargs)
     path = find_pretrained_weights(backbone, pretrained_path)
+    check_pretrained_weights(backbone, path)
     # timm drops the 1000-class classifier itself when num_classes differs.
     return timm.create_model(
         backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=1, **kwargs)
