@@ -59,13 +59,15 @@ class ModelConfig:
     input_size: int = f(299, "square input side in pixels (299 FF++/Celeb-DF, 224 WildDeepfake)")
     dropout: float = f(0.2, "dropout before the final linear layer")
     encoder_dropout: float = f(0.2, "dropout on the encoder output M (training only)")
-    forward: Literal["fused", "two_pass"] = f(
+    forward: Literal["fused", "two_pass", "fused_exact"] = f(
         "fused", "two_pass: the released code's step (a class-split reconstruction pass, then a whole-batch "
-        "classification pass, each with its own noise and dropout draws); fused: one encoder pass, decoders on "
-        "the whole batch: ~3/4 of the compute, but in train mode decoder BN statistics mix the classes "
-        "(not the released step)")
-    error_encoder: Literal["shared", "separate"] = f(
-        "shared", "error maps through the encoder's own entry flow, or a separate one")
+        "classification pass, each with its own noise and dropout draws); fused_exact: two_pass with one "
+        "encoder pass shared by both (one draw; given equal draws the same losses, gradients and BN buffers); "
+        "fused: one encoder pass, decoders once on the whole batch: ~3/4 of two_pass's compute, but in train "
+        "mode decoder BN statistics mix the classes (not the released step)")
+    error_encoder: Literal["shared", "separate", "shared_conv"] = f(
+        "shared", "error maps through the encoder's own entry flow (shared), a second entry flow (separate), or "
+        "the encoder's convolutions with BatchNorm layers of their own (shared_conv)")
     fusion: Literal["select", "residual", "add"] = f(
         "select", "select: code (default); residual: paper eq. 7; add: Table 5 ablation")
     sources: list[str] = f(["inva", "real", "fake"], "fused sources, non-empty subset of inva/real/fake")

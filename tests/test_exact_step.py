@@ -70,3 +70,75 @@ def test_each_pass_encodes_its_own_view_with_its_own_dropout():
     torch.testing.assert_close(seen[0], xn1, rtol=0, atol=0)
     torch.testing.assert_close(seen[1], xn2, rtol=0, atol=0)
     assert len(masks) == 4 and not torch.equal(masks[2], masks[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_exact vs two_pass: train mode (BN batch statistics), float64
+# ---------------------------------------------------------------------------------------------
+def _step(model, x, x_noisy, y, loss_fn):
+    """One training step's loss terms, parameter gradients and BN buffers afterwards."""
+    model.zero_grad(set_to_none=True)
+    losses = loss_fn(model(x, x_noisy, y, x_noisy2=x_noisy), x, y)  # the same draw in both passes
+    losses["total"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return ({k: v.detach() for k, v in losses.items()}, grads,
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def _pair(over, labels, reduction):
+    from fdtrain.losses import FakeDifferLoss
+
+    torch.manual_seed(0)
+    # 32 px, NCHW: float64 depthwise convolutions have no fast CPU kernel, this keeps a step ~5 s
+    two = create_model(forward="two_pass", input_size=32, dropout=0.0, encoder_dropout=0.0, channels_last=False,
+                       **over).double().train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(len(labels), 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    x_noisy = (x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    y = torch.tensor(labels, dtype=torch.float64)
+    loss_fn = FakeDifferLoss(flooding=0.04, recon_reduction=reduction)
+    return two, x, x_noisy, y, loss_fn
+
+
+CASES = [  # (model switches, labels, reduction)
+    ({}, [0.0, 1.0, 1.0, 0.0, 1.0], "released"),
+    ({"error_encoder": "shared_conv"}, [1.0, 0.0, 0.0, 1.0], "paired"),
+    ({"variant": "dual_recons", "error_encoder": "separate", "sources": ["inva", "real"]}, [0.0, 0.0, 0.0], "released"),
+]
+
+
+@pytest.mark.parametrize("over,labels,reduction", CASES, ids=["shared", "shared_conv", "dual_recons_separate_all_real"])
+def test_fused_exact_equals_two_pass_in_train_mode(over, labels, reduction):
+    """Given the same noise and dropout draws in both passes, fused_exact's step is two_pass's: the
+    same losses, the same gradient of every parameter, and the same BN running statistics and batch
+    counts afterwards (entry flow included: its image statistics count as two updates).
+    fused, on the same batch, is not: whole-batch decoder statistics move the reconstruction losses
+    and gradients, and the entry flow's BN is updated 3 times per step instead of 4."""
+    import copy
+
+    two, x, x_noisy, y, loss_fn = _pair(over, labels, reduction)
+    exact = copy.deepcopy(two)
+    exact.forward_mode = "fused_exact"
+    fused = copy.deepcopy(two) if not over else None
+    l2, g2, b2 = _step(two, x, x_noisy, y, loss_fn)
+    le, ge, be = _step(exact, x, x_noisy, y, loss_fn)
+    for k in l2:
+        torch.testing.assert_close(le[k], l2[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert ge.keys() == g2.keys() and len(g2) == len(list(two.parameters()))
+    for n in g2:
+        torch.testing.assert_close(ge[n], g2[n], rtol=1e-8, atol=1e-12, msg=n)
+    assert be.keys() == b2.keys()
+    for n in b2:
+        torch.testing.assert_close(be[n], b2[n], rtol=1e-9, atol=1e-12, msg=n)
+    shared = over.get("error_encoder", "shared") == "shared"
+    # the image's entry flow: twice per step, plus once per error map when the error maps share it
+    assert b2["encoder.bn1.num_batches_tracked"].item() == 2 + (2 if shared else 0)
+    if fused is None:
+        return
+    fused.forward_mode = "fused"
+    lf, gf, bf = _step(fused, x, x_noisy, y, loss_fn)
+    torch.testing.assert_close(lf["cls"], l2["cls"], rtol=1e-10, atol=1e-12)  # pass 2 is the same
+    assert not torch.allclose(lf["rec_real"], l2["rec_real"], rtol=1e-6, atol=0)
+    assert not torch.allclose(gf["decoders.real.to_rgb.0.weight"], g2["decoders.real.to_rgb.0.weight"], rtol=1e-6)
+    assert bf["encoder.bn1.num_batches_tracked"].item() == 3
+    assert not torch.allclose(bf["decoders.real.body.0.bn.running_var"], b2["decoders.real.body.0.bn.running_var"])

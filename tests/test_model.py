@@ -125,7 +125,9 @@ def test_parameter_count_and_no_dropped_blocks(model):
 VARIANTS = [
     {},
     {"forward": "two_pass"},
+    {"forward": "fused_exact"},
     {"error_encoder": "separate"},
+    {"error_encoder": "shared_conv"},
     {"fusion": "residual"},
     {"fusion": "add"},
     {"sources": ["inva"]},

@@ -19,8 +19,8 @@ __all__ = ["create_model", "create_model_from_config", "FakeDiffer", "FakeDiffer
 
 CHOICES = {
     "variant": ("fakediffer", "xception", "dual_recons"),
-    "forward": ("fused", "two_pass"),
-    "error_encoder": ("shared", "separate"),
+    "forward": ("fused", "two_pass", "fused_exact"),
+    "error_encoder": ("shared", "separate", "shared_conv"),
     "fusion": ("select", "residual", "add"),
 }
 

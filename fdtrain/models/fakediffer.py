@@ -15,6 +15,7 @@ Shapes in comments are for a 299x299 input (224 gives 14x14 maps instead of 19x1
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -173,10 +174,15 @@ class FakeDiffer(nn.Module):
         names = ("shared",) if variant == "dual_recons" else ("real", "fake")
         self.decoders = nn.ModuleDict({n: Decoder(parts.m_channels, parts.decoder_channels) for n in names})
 
-        # eqs. 4-5: f is the encoder itself (released code) or a second entry flow; built only
+        # eqs. 4-5: f is the encoder itself (shared, released code), a second entry flow (separate),
+        # or the encoder's convolutions with BatchNorm layers of its own (shared_conv); built only
         # when an error map is fused, so no parameter sits unused under DDP.
         uses_errors = "real" in self.sources or "fake" in self.sources
-        self.error_encoder = copy.deepcopy(parts.entry) if error_encoder == "separate" and uses_errors else None
+        self.error_encoder = None
+        if error_encoder in ("separate", "shared_conv") and uses_errors:
+            self.error_encoder = copy.deepcopy(parts.entry)
+            if error_encoder == "shared_conv":
+                tie_convolutions(self.error_encoder, self.encoder)
 
         # eqs. 6-8: interaction over the chosen sources
         self.interaction = Interaction(parts.m_channels, len(self.sources), fusion_reduction, fusion)
@@ -233,6 +239,8 @@ class FakeDiffer(nn.Module):
         if self.forward_mode == "two_pass":
             x_noisy2 = x_noisy if x_noisy2 is None else x_noisy2.contiguous(memory_format=self.memory_format)
             return self._forward_two_pass(x, x_noisy, labels, x_noisy2)
+        if self.forward_mode == "fused_exact":
+            return self._forward_fused_exact(x, x_noisy, labels)
         return self._forward_fused(x, x_noisy)
 
     def _forward_inference(self, x: Tensor) -> Tensor:
@@ -255,9 +263,9 @@ class FakeDiffer(nn.Module):
         out = self._forward_fused(x, x)  # in eval mode: no dropout, so the same logit as the inference forward
         return out.logit, out.recon_real, out.recon_fake
 
-    def _forward_fused(self, x: Tensor, x_noisy: Tensor) -> FakeDifferOutput:
+    def _forward_fused(self, x: Tensor, x_noisy: Tensor, m: Optional[Tensor] = None) -> FakeDifferOutput:
         """One encoder pass; both decoders on the whole batch; the loss masks rows by label."""
-        m = self.encode(x_noisy)  # (B,728,19,19) eq. 1
+        m = self.encode(x_noisy) if m is None else m  # (B,728,19,19) eq. 1
         size = tuple(x.shape[-2:])
         r_real = self.reconstruct("real", m, size)  # (B,3,299,299) eq. 2, every image
         r_fake = r_real if self.variant == "dual_recons" else self.reconstruct("fake", m, size)  # eq. 3
@@ -270,27 +278,75 @@ class FakeDiffer(nn.Module):
         sees only its own class, so its BN statistics too), then a full pass for classification.
         Each pass has its own noisy view and its own dropout masks, as in the release."""
         m1 = self.encode(x_noisy)  # (B,728,19,19) pass 1, its own dropout mask
-        size = tuple(x.shape[-2:])
-        is_real = labels.reshape(-1) < 0.5  # (B,)
-        if self.variant == "dual_recons":
-            r1 = {"real": self.reconstruct("real", m1, size)}  # one decoder, every image
-            r1["fake"] = r1["real"]
-        else:
-            r1 = {}
-            for which, rows in (("real", is_real), ("fake", ~is_real)):
-                idx = rows.nonzero().squeeze(1)  # (n,)
-                if idx.numel():
-                    r1[which] = (idx, self.reconstruct(which, m1[idx], size))  # (n,3,299,299)
+        r1 = self._reconstruction_pass(m1, labels, tuple(x.shape[-2:]))
         out = self._forward_fused(x, x_noisy2)  # pass 2: logits from a fresh encoder pass and X~ draw
-        # The loss reads pass 1's rows; the other rows keep pass 2's values, which the loss masks out.
+        return self._with_reconstructions(out, r1)
+
+    def _forward_fused_exact(self, x: Tensor, x_noisy: Tensor, labels: Tensor) -> FakeDifferOutput:
+        """two_pass with one encoder pass that both passes share (one X~ and dropout draw, not two).
+
+        The decoders run as in two_pass (class-split for the losses, then whole-batch for the error
+        maps), and the image's entry-flow BatchNorm moves its running statistics as two updates with
+        this batch's statistics would. Given the same draws, loss, gradients and every BN buffer equal
+        two_pass's (tests/test_exact_step.py); it saves one entry-flow pass on the image.
+        """
+        with _as_two_bn_updates(self.encoder):
+            m = self.encode(x_noisy)  # (B,728,19,19)
+        r1 = self._reconstruction_pass(m, labels, tuple(x.shape[-2:]))
+        return self._with_reconstructions(self._forward_fused(x, x_noisy, m=m), r1)
+
+    def _reconstruction_pass(self, m: Tensor, labels: Tensor, size: tuple[int, int]) -> dict:
+        """The released first pass: each decoder on the rows of its own class (dual_recons: all rows)."""
         if self.variant == "dual_recons":
-            out.recon_real, out.recon_fake = r1["real"], r1["fake"]
-        else:
-            if "real" in r1:
-                out.recon_real = out.recon_real.index_copy(0, *r1["real"])  # (B,3,299,299)
-            if "fake" in r1:
-                out.recon_fake = out.recon_fake.index_copy(0, *r1["fake"])  # (B,3,299,299)
+            return {"shared": self.reconstruct("real", m, size)}  # one decoder, every image
+        is_real = labels.reshape(-1) < 0.5  # (B,)
+        r1 = {}
+        for which, rows in (("real", is_real), ("fake", ~is_real)):
+            idx = rows.nonzero().squeeze(1)  # (n,)
+            if idx.numel():
+                r1[which] = (idx, self.reconstruct(which, m[idx], size))  # (n,3,299,299)
+        return r1
+
+    def _with_reconstructions(self, out: FakeDifferOutput, r1: dict) -> FakeDifferOutput:
+        # The loss reads pass 1's rows; the other rows keep pass 2's values, which the loss masks out.
+        if "shared" in r1:
+            out.recon_real = out.recon_fake = r1["shared"]
+            return out
+        if "real" in r1:
+            out.recon_real = out.recon_real.index_copy(0, *r1["real"])  # (B,3,299,299)
+        if "fake" in r1:
+            out.recon_fake = out.recon_fake.index_copy(0, *r1["fake"])  # (B,3,299,299)
         return out
+
+
+@contextlib.contextmanager
+def _as_two_bn_updates(module: nn.Module):
+    """Running statistics of ``module``'s BatchNorms move as two updates with the same batch would:
+    momentum m becomes 1 - (1 - m)^2 and the batch count goes up by 2 (fused_exact's shared pass)."""
+    bns = [b for b in module.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)
+           and b.training and b.track_running_stats]
+    if any(b.momentum is None for b in bns):
+        raise ValueError("model.forward=fused_exact needs BatchNorm with a momentum (not a cumulative average)")
+    saved = [b.momentum for b in bns]
+    for b in bns:
+        b.momentum = 1.0 - (1.0 - b.momentum) ** 2
+    try:
+        yield
+    finally:
+        for b, mom in zip(bns, saved):
+            b.momentum = mom
+            b.num_batches_tracked.add_(1)
+
+
+def tie_convolutions(module: nn.Module, source: nn.Module) -> None:
+    """Make ``module`` (a copy of ``source``) use ``source``'s convolution weights; its BatchNorm
+    layers (statistics and affine) stay its own (error_encoder: shared_conv)."""
+    src = dict(source.named_modules())
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            mod.weight = src[name].weight
+            if mod.bias is not None:
+                mod.bias = src[name].bias
 
 
 # ----------------------------------------------------------------------------------------------
