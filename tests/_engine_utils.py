@@ -220,3 +220,22 @@ def in_process(cfg, keys: list | None = None) -> int:
         trainer.close()
         trainer.acc.end_training()
         reset_accelerate()
+
+
+def kill_after_first_checkpoint(cmd: list[str], ckpt_dir: Path, timeout: float = 600) -> int:
+    """Start a training command, SIGKILL it (and its children) as soon as its first complete
+    checkpoint appears; returns the newest complete checkpoint's step at that moment."""
+    from fdtrain.engine.checkpoint import list_checkpoints
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        found = wait_for(lambda: bool(list_checkpoints(ckpt_dir)), timeout=timeout, proc=proc)
+        alive = proc.poll() is None
+        kill_tree(proc)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert found and alive, f"no checkpoint before the run ended (exit {proc.returncode}):\n{out[-4000:]}"
+    return list_checkpoints(ckpt_dir)[-1][0]

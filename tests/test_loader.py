@@ -117,7 +117,7 @@ def test_two_ranks_equal_train_steps_and_eval_every_key_once(data, backend):
 
 
 @pytest.mark.parametrize("backend,workers", [("dali", 0), ("torch", 2)])
-def test_resume_continues_with_the_same_batches(data, backend, workers):
+def test_resume_continues_with_the_same_batches(data, backend, workers, caplog):
     cfg = small_cfg(data["train"], backend=backend, num_workers=workers, shuffle_buffer=8)
     first = build_loader(cfg, "train", world_size=2, rank=1)
     epoch0 = [(b["key"], b["x"], b["x_noisy"]) for b in first]
@@ -135,8 +135,12 @@ def test_resume_continues_with_the_same_batches(data, backend, workers):
 
     resumed = build_loader(cfg, "train", world_size=2, rank=1)
     resumed.load_state_dict(sd)
-    rest = [(b["key"], b["x"], b["x_noisy"]) for b in resumed]
+    with caplog.at_level(logging.INFO, logger="fdtrain.data"):
+        rest = [(b["key"], b["x"], b["x_noisy"]) for b in resumed]
     assert len(rest) == len(epoch0) - 3
+    if backend == "dali":  # DALI's own checkpoint of the reader: the consumed batches are not decoded again
+        assert isinstance(sd["dali_checkpoint"], bytes)
+        assert "restored from its checkpoint at step 3" in caplog.text and "replays" not in caplog.text
     for (k0, x0, n0), (k1, x1, n1) in zip(epoch0[3:], rest):
         assert k0 == k1
         assert torch.equal(x0, x1) and torch.equal(n0, n1)
@@ -169,3 +173,36 @@ def test_tar_pattern_without_manifest(data):
         cfg = small_cfg(data["train"], backend=backend)
         loader = build_loader(cfg, "val", path=pattern)
         assert loader.num_samples == 25 and len([k for b in loader for k in b["key"]]) == 25
+
+
+def _shard_of(key: str, counts=(13, 13, 13, 13, 12)) -> int:
+    k = sample_keys(64).index(key)
+    return next(i for i in range(len(counts)) if k < sum(counts[: i + 1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_epoch_reads_the_shards_in_a_new_order_and_ranks_flip_differently(data, backend):
+    """Shuffle buffer 1, so the stream shows the shard order: it changes from epoch to epoch (one
+    rank); on two ranks the epochs stay disjoint, and the flip decisions by batch position differ."""
+    cfg = small_cfg(data["train"], data["train"], backend=backend, batch_size=4, shuffle_buffer=1, flip_p=0.5)
+    loader = build_loader(cfg, "train")
+    orders = []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        shards = [_shard_of(k) for b in loader for k in b["key"]]
+        orders.append(list(dict.fromkeys(shards)))  # shards in the order they were read
+    assert all(sorted(o) == [0, 1, 2, 3, 4] for o in orders)
+    assert len({tuple(o) for o in orders}) >= 3, orders  # 5 shards: two epochs may draw the same order
+
+    clean = {k: x for k, (x, _) in _eval_images(cfg, backend).items()}
+    flips, keys = [], []
+    for rank in range(2):
+        ld = build_loader(cfg, "train", rank=rank, world_size=2)
+        ld.set_epoch(1)
+        batches = list(ld)
+        keys.append({k for b in batches for k in b["key"]})
+        flips.append([bool((x - clean[k].flip(-1)).abs().mean() < (x - clean[k]).abs().mean())
+                      for b in batches for k, x in zip(b["key"], b["x"])])
+    assert not keys[0] & keys[1]  # the same shard permutation on both ranks: disjoint halves
+    assert len(flips[0]) == len(flips[1]) == 32 and flips[0] != flips[1]
+    assert 8 <= sum(flips[0]) <= 24 and 8 <= sum(flips[1]) <= 24

@@ -2,11 +2,15 @@
 
 One parameter, the decoder device, separates the GPU graph ("mixed": nvJPEG, everything after it on
 the GPU) from the CPU graph ("cpu", ``device_id=None``); the graph is otherwise identical. The
-pipeline is rebuilt each epoch with seed ``run.seed + epoch`` so an epoch's order depends only on
-(seed, epoch, rank) and a resumed run replays it exactly (DALI readers cannot seek: the consumed
-batches of the epoch are run again, at the pipeline's speed, before the first new one). The noisy
-view X~ is added after DALI, on the output device, by the code shared with the fallback
-(``loader.add_gated_noise``).
+pipeline is rebuilt each epoch: the shard list is permuted with (seed, epoch), the same permutation
+on every rank (and the one the fallback uses), so the ranks' contiguous reader ranges stay disjoint
+while each epoch reads the shards in a new order; the pipeline seed (shuffle buffer, flips) is
+mixed from (seed, epoch, rank), so ranks flip different samples. An epoch's order depends only on
+(seed, epoch, rank). Resume: training pipelines run with DALI's checkpointing, and the loader's
+state holds the reader's checkpoint at the saved step, so a resumed epoch restarts from it without
+decoding the consumed batches again; without one (older checkpoint, skipped samples) the consumed
+batches are run again before the first new one. The noisy view X~ is added after DALI, on the
+output device, by the code shared with the fallback (``loader.add_gated_noise``).
 
 Decoder failures surface as a ``RuntimeError`` from DALI that does not always name the sample, so
 the batches in flight are replayed through a reader-only pipeline (same seed, same order) and each
@@ -15,6 +19,7 @@ with ``data.on_corrupt=skip`` the samples are dropped from this rank's index and
 """
 from __future__ import annotations
 
+import random
 import re
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +34,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from fdtrain.data import DataError
-from fdtrain.data.loader import Loader, log, parse_label, sample_key
+from fdtrain.data.loader import Loader, ShardSet, log, mix_seed, parse_label, sample_key
 
 READER = "Reader"
 IMAGE_EXT = "jpg;jpeg;png"
@@ -45,14 +50,15 @@ def parse_source_info(info: str) -> tuple[str, str]:
 def image_pipeline(*, tars: list[str], indexes: list[str], shard_id: int, num_shards: int, batch_size: int,
                    size: int, train: bool, seed: int, flip_p: float, decoder: str, device_id: int | None,
                    num_threads: int, prefetch: int, shuffle_buffer: int, fp16: bool = False,
-                   decode: bool = True) -> Pipeline:
+                   decode: bool = True, checkpointing: bool = False, checkpoint: bytes | None = None) -> Pipeline:
     """The DALI graph. Outputs: x (B,3,S,S) normalized, cls bytes and source_info bytes (zero-padded).
 
     ``decode=False`` keeps only the reader (same seed, same order): used to replay the samples of a
-    failed batch without decoding them.
+    failed batch without decoding them. ``checkpointing``/``checkpoint``: DALI's pipeline checkpoints
+    (reader position, shuffle buffer and random generators), saved and restored by the loader.
     """
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                    prefetch_queue_depth=prefetch)
+                    prefetch_queue_depth=prefetch, enable_checkpointing=checkpointing, checkpoint=checkpoint)
     with pipe:
         images, cls = fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=[IMAGE_EXT, "cls"], missing_component_behavior="error",
@@ -88,30 +94,60 @@ class DaliLoader(Loader):
         self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if cuda else None
         self._tmp: tempfile.TemporaryDirectory | None = None  # filtered index files (on_corrupt=skip)
+        self._live: DALIGenericIterator | None = None  # the training epoch's iterator, for state_dict
+        self._resume_from: tuple[int, int, bytes] | None = None  # (epoch, step, DALI checkpoint) to resume
 
     def describe(self) -> str:
         d = self.cfg.data
         return f"decoder={self.decoder}, {d.num_threads} threads, prefetch {d.prefetch}"
 
+    # --- state: DALI's own checkpoint of the reader, so a resume need not decode the consumed part -----
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.train and self._live is not None and self.step_in_epoch > 0:
+            sd["dali_checkpoint"] = self._live.checkpoints()[0]  # bytes: loads with weights_only=True
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        ck = sd.get("dali_checkpoint")
+        if isinstance(ck, bytes) and self.step_in_epoch == int(sd["step_in_epoch"]) > 0:
+            self._resume_from = (self.epoch, self.step_in_epoch, ck)
+
     # --- pipeline per epoch ------------------------------------------------------------------
+    def _epoch_shards(self, epoch: int) -> ShardSet:
+        """Training: the shards in this epoch's order, a permutation by (seed, epoch) that every rank
+        (and the fallback) draws alike; evaluation: manifest order."""
+        if not self.train:
+            return self.shards
+        order = list(range(self.shards.num_shards))
+        random.Random(mix_seed(self.seed, epoch, 0x5A4D)).shuffle(order)
+        s = self.shards
+        return ShardSet(split=s.split, root=s.root, tars=[s.tars[i] for i in order],
+                        indexes=[s.indexes[i] for i in order], counts=[s.counts[i] for i in order])
+
     def _reader_args(self, epoch: int) -> dict[str, Any]:
-        # Training moves each rank to the next reader shard every epoch (what DALI's
+        # Training also moves each rank to the next reader shard every epoch (what DALI's
         # stick_to_shard=False does inside one pipeline; explicit here as we rebuild per epoch).
         shard_id = (self.rank + epoch) % self.world_size if self.train else self.rank
-        tars = [str(t) for t in self.shards.tars]
-        idx = [str(i) for i in self.shards.indexes]
+        shards = self._epoch_shards(epoch)
+        tars = [str(t) for t in shards.tars]
+        idx = [str(i) for i in shards.indexes]
         num_shards = self.world_size
         if self.skipped:  # known-bad samples: this rank's range from indexes that leave them out
-            tars, idx = self._filtered_indexes(shard_id)
+            tars, idx = self._filtered_indexes(shards, shard_id, epoch)
             shard_id, num_shards = 0, 1
-        return dict(tars=tars, indexes=idx, shard_id=shard_id, num_shards=num_shards, seed=self.seed + epoch)
+        # per-rank seed: the reader's shuffle buffer and the flips differ between ranks
+        seed = mix_seed(self.seed, epoch, self.rank, 0xDA11) % 2**31 if self.train else self.seed
+        return dict(tars=tars, indexes=idx, shard_id=shard_id, num_shards=num_shards, seed=seed)
 
-    def _pipeline(self, epoch: int, decode: bool = True) -> Pipeline:
+    def _pipeline(self, epoch: int, decode: bool = True, checkpoint: bytes | None = None) -> Pipeline:
         d = self.cfg.data
         pipe = image_pipeline(**self._reader_args(epoch), batch_size=self.batch_size, size=self.size,
                               train=self.train, flip_p=d.flip_p, decoder=self.decoder, device_id=self.device_id,
                               num_threads=d.num_threads, prefetch=d.prefetch, shuffle_buffer=d.shuffle_buffer,
-                              fp16=self.dtype == torch.float16, decode=decode)
+                              fp16=self.dtype == torch.float16, decode=decode,
+                              checkpointing=self.train and decode, checkpoint=checkpoint)
         try:
             pipe.build()
         except RuntimeError as e:
@@ -120,15 +156,22 @@ class DaliLoader(Loader):
         return pipe
 
     def _batches(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
-        step = 0  # batches this epoch's reader has produced (handed out or fast-forwarded)
+        resume, self._resume_from = self._resume_from, None
+        checkpoint = resume[2] if resume is not None and resume[:2] == (epoch, skip) and self.train else None
         while True:
-            pipe = self._pipeline(epoch)
-            if skip:
+            step = 0  # batches this epoch's reader has produced (handed out or fast-forwarded)
+            pipe = self._pipeline(epoch, checkpoint=checkpoint)
+            if checkpoint is not None:
+                log.info("data[%s]: DALI reader restored from its checkpoint at step %d (nothing replayed)",
+                         self.shards.split, skip)
+                step, checkpoint = skip, None
+            elif skip:
                 log.info("data[%s]: DALI replays %d batch(es) to reach the saved position", self.shards.split, skip)
             try:
                 it = DALIGenericIterator([pipe], ["x", "cls", "info"], reader_name=READER, auto_reset=False,
                                          prepare_first_batch=False, last_batch_policy=LastBatchPolicy.DROP
                                          if self.train else LastBatchPolicy.PARTIAL)
+                self._live = it if self.train else None
                 for out in self._stream(it):
                     step += 1
                     if step > skip:
@@ -139,7 +182,7 @@ class DaliLoader(Loader):
             except RuntimeError as e:  # any DALI error leaves the pipeline unusable
                 failed = e
             finally:
-                it = pipe = None  # release the pipeline (and its threads/GPU buffers) now
+                it = pipe = self._live = None  # release the pipeline (and its threads/GPU buffers) now
             bad = self._locate_bad(epoch, step, failed)
             if not bad or all(key in self.skipped for _, key, _ in bad):
                 raise DataError(f"data[{self.shards.split}] rank {self.rank}: DALI failed in epoch {epoch} near step "
@@ -200,20 +243,20 @@ class DaliLoader(Loader):
                 bad.append((tar, sample_key(name), reason))
         return bad
 
-    def _filtered_indexes(self, shard_id: int) -> tuple[list[str], list[str]]:
+    def _filtered_indexes(self, shards: ShardSet, shard_id: int, epoch: int) -> tuple[list[str], list[str]]:
         """Index files holding this reader shard's samples minus the skipped keys (same tars, same offsets)."""
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fdtrain-idx-")
-        lo, hi = self.shards.rank_range(shard_id, self.world_size)
+        lo, hi = shards.rank_range(shard_id, self.world_size)
         tars, idx, kept = [], [], 0
-        for i, first, end in self.shards.pieces(lo, hi):
-            lines = Path(self.shards.indexes[i]).read_text().splitlines()[1:][first:end]
+        for i, first, end in shards.pieces(lo, hi):
+            lines = Path(shards.indexes[i]).read_text().splitlines()[1:][first:end]
             lines = [ln for ln in lines if sample_key(ln.split()[3]) not in self.skipped]
             if not lines:
                 continue
-            out = Path(self._tmp.name) / f"{i:06d}-s{shard_id}.idx"
+            out = Path(self._tmp.name) / f"e{epoch}-{i:06d}-s{shard_id}.idx"
             out.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
-            tars.append(str(self.shards.tars[i]))
+            tars.append(str(shards.tars[i]))
             idx.append(str(out))
             kept += len(lines)
         if kept < (self.batch_size if self.train else 1):

@@ -282,8 +282,11 @@ class TorchLoader(Loader):
             ds = EvalStream(self.shards, self.indexes, parts, batch=self.batch_size, size=self.size,
                             on_corrupt=d.on_corrupt)
             workers = len(parts) if d.num_workers else 0
+        # Our own generator for the DataLoader's base seed: by default it draws it from the global torch
+        # RNG when the iterator starts, which shifted every later dropout draw of a resumed run.
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, 0xD1))
         dl = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.pin,
-                        prefetch_factor=d.prefetch if workers else None)
+                        prefetch_factor=d.prefetch if workers else None, generator=g)
         it = iter(dl)
         try:
             while True:
