@@ -152,6 +152,14 @@ class TrainConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    """DeeperForensics-1.0 perturbation sweep of every test set after training (`fdtrain robustness`)."""
+
+    types: list[str] = f([], "distortion types: CS, CC, BW, GNC, GB, JPEG, VC or all; [] = no sweep")
+    levels: list[int] = f([1, 2, 3, 4, 5], "severity levels, each in 1..5")
+
+
+@dataclass
 class EvalConfig:
     """Validation, model selection and final testing."""
 
@@ -162,6 +170,7 @@ class EvalConfig:
     select_test: str = f("", "with select_on=test: which test set ('' = the first)")
     threshold: float = f(0.5, "score threshold for accuracy")
     max_batches: int = f(0, "cap evaluation batches per set (0 = all); for smoke runs")
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
 @dataclass
@@ -471,6 +480,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{k}: a probability in [0, 1], got {v}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: two values, got {cfg.optim.betas}")
+    if cfg.eval.robustness.types:  # names and levels checked now, not after training
+        from fdtrain.engine.robustness import parse_levels, parse_types
+
+        try:
+            parse_types(cfg.eval.robustness.types)
+            parse_levels(cfg.eval.robustness.levels)
+        except ConfigError as e:
+            raise ConfigError(f"eval.robustness: {e}") from None
     name = cfg.run.name
     if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
         raise ConfigError(f"run.name: {name!r} must be one folder name inside run.out_dir ({cfg.run.out_dir}): "

@@ -44,6 +44,22 @@ from fdtrain.data.loader import IMAGE_EXTS, Loader, ShardSet, index_count, mix_s
 # --------------------------------------------------------------------------------------------
 def decode_sample(sample: dict[str, Any], size: int, flip: bool) -> tuple[torch.Tensor, float]:
     """(uint8 (3,S,S), label) of one raw WebDataset sample; DataError naming shard and key."""
+    img, label = decode_raw(sample)
+    img = resize_square(img, size)
+    if flip:
+        img = img.flip(-1)
+    return img, label
+
+
+def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3,H,W) -> (3,S,S), antialiased bilinear (the loaders' resize)."""
+    if img.shape[-2:] != (size, size):
+        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return img
+
+
+def decode_raw(sample: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """(uint8 (3,H,W) at the stored size, label) of one raw WebDataset sample."""
     key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None or "cls" not in sample:
@@ -59,10 +75,6 @@ def decode_sample(sample: dict[str, Any], size: int, flip: bool) -> tuple[torch.
     except RuntimeError as e:
         why = re.sub(r"^.*\.cpp:\d+, ", "", str(e).splitlines()[-1])  # drop torchvision's C++ source location
         raise CorruptImage.of(url, key, f"{len(data)}-byte image does not decode ({why})") from e
-    if img.shape[-2:] != (size, size):
-        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    if flip:
-        img = img.flip(-1)
     return img, label
 
 

@@ -460,6 +460,9 @@ class Trainer:
             flat = {f"{n}/{lvl}/{k}": v for n, lv in report["test"].items() for lvl, m in lv.items()
                     for k, v in m.items() if k in ("acc", "auc", "eer", "ap")}
             self.tb.hparams(flat)
+        if cfg.eval.robustness.types:  # the DeeperForensics-1.0 sweep, same weights (fdtrain.engine.robustness)
+            from fdtrain.engine.robustness import sweep_after_training
+            sweep_after_training(self.model, cfg, self.acc, self.tb, self.run_dir, self.step, self.input_dtype)
         self.acc.wait_for_everyone()
         return EXIT_OK
 
