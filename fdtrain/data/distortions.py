@@ -222,31 +222,39 @@ def video_compression(frames: list[torch.Tensor], crf: int) -> list[torch.Tensor
     Frames of different sizes are padded (edge-replicated) to the largest, and to even sides for
     yuv420p; each decoded frame is cropped back to its own size.
     """
-    import av
-
     if not frames:
         return []
+    decoded = decode_h264(encode_h264(frames, crf))
+    if len(decoded) != len(frames):
+        raise RuntimeError(f"video_compression: {len(frames)} frames in, {len(decoded)} decoded")
+    return [d[:, : f.shape[-2], : f.shape[-1]].contiguous() for d, f in zip(decoded, frames)]
+
+
+def encode_h264(frames: list[torch.Tensor], crf: int) -> bytes:
+    """An MP4 (H.264, yuv420p, 25 fps, x264 preset medium, one thread) of uint8 (3, H, W) frames."""
+    import av
+
     h = max(f.shape[-2] for f in frames)
     w = max(f.shape[-1] for f in frames)
-    H, W = h + h % 2, w + w % 2
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=VC_FPS)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
         stream.options = {"crf": str(int(crf)), "preset": "medium", "threads": "1"}
         for f in frames:
-            pad = (0, W - f.shape[-1], 0, H - f.shape[-2])
+            pad = (0, stream.width - f.shape[-1], 0, stream.height - f.shape[-2])
             full = F.pad(f[None].float(), pad, mode="replicate")[0].to(torch.uint8) if any(pad) else f
             arr = np.ascontiguousarray(full.permute(1, 2, 0).cpu().numpy())
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    buf.seek(0)
-    decoded = []
-    with av.open(buf, mode="r") as inp:
-        for fr in inp.decode(video=0):
-            decoded.append(torch.from_numpy(fr.to_ndarray(format="rgb24")).permute(2, 0, 1))
-    if len(decoded) != len(frames):
-        raise RuntimeError(f"video_compression: {len(frames)} frames in, {len(decoded)} decoded")
-    return [d[:, : f.shape[-2], : f.shape[-1]].contiguous() for d, f in zip(decoded, frames)]
+    return buf.getvalue()
+
+
+def decode_h264(data: bytes) -> list[torch.Tensor]:
+    """Every frame of an encoded clip as uint8 (3, H, W), in presentation order."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as inp:
+        return [torch.from_numpy(fr.to_ndarray(format="rgb24")).permute(2, 0, 1) for fr in inp.decode(video=0)]
