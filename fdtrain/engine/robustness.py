@@ -366,18 +366,19 @@ def _run_folder(checkpoint: str) -> Path | None:
 
 
 def run_robustness(args: argparse.Namespace) -> int:
+    from fdtrain.cli import report
     from fdtrain.config import ConfigError
     from fdtrain.data import DataError
 
     try:
         conds = conditions(parse_types(args.types), parse_levels(args.levels))
     except ConfigError as e:
-        print(f"fdtrain robustness: {e}", file=sys.stderr)
+        report(f"fdtrain robustness: {e}")
         return 2
     try:
         return _run(args, conds)
-    except (FileNotFoundError, DataError) as e:
-        print(f"fdtrain robustness: {e}", file=sys.stderr)
+    except (FileNotFoundError, DataError) as e:  # one message per job (rank 0)
+        report(f"fdtrain robustness: {e}")
         return 2
 
 
