@@ -149,7 +149,8 @@ def sweep(model, cfg, folder: str | os.PathLike, conds: list[tuple[str, int]], *
                     prefetch_factor=cfg.data.prefetch if workers else None,
                     pin_memory=on_device and cfg.data.pin_memory)
     accs = [MetricAccumulator(threshold=threshold) for _ in conds]
-    mine = len(samples)  # per condition on this rank (a video with its first frame here comes whole)
+    in_videos = sum(len(v) for v in videos)  # VC: whole videos whose first frame is in this rank's range
+    mine = [in_videos if t == "VC" else len(samples) for t, _ in conds]  # this rank's samples per condition
     was_training = model.training
     model.eval()
     try:
@@ -170,7 +171,7 @@ def sweep(model, cfg, folder: str | os.PathLike, conds: list[tuple[str, int]], *
                     scores = torch.sigmoid(model(x).float())
                     accs[c].update(scores.cpu(), label, list(msg["key"]))
                     if bar is not None:
-                        bar.update(len(label) / max(1, mine))
+                        bar.update(len(label) / max(1, mine[c]))
     finally:
         model.train(was_training)
     distorted = {}
