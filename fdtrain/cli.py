@@ -16,6 +16,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("predict",), "fdtrain.engine.commands:predict", "score images or videos with a checkpoint (JSON lines)"),
     (("export",), "fdtrain.serving.commands:export", "a checkpoint as an ONNX or TorchScript graph, checked"),
     (("robustness",), "fdtrain.engine.robustness:robustness", "DeeperForensics-1.0 perturbation sweep of a checkpoint"),
+    (("report",), "fdtrain.report:report", "mean ± std over runs (seeds) per recipe, beside the paper's numbers"),
     (("shards", "make"), "fdtrain.data.commands:shards_make", "turn a dataset into WebDataset shards"),
     (("shards", "verify"), "fdtrain.data.commands:shards_verify", "re-read every sample of a shard folder"),
     (("synth",), "fdtrain.data.commands:synth", "write the synthetic FF++-shaped forgery benchmark"),

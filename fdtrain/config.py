@@ -170,6 +170,8 @@ class EvalConfig:
     select_test: str = f("", "with select_on=test: which test set ('' = the first)")
     threshold: float = f(0.5, "score threshold for accuracy")
     max_batches: int = f(0, "cap evaluation batches per set (0 = all); for smoke runs")
+    paper: list[str] = f([], "the paper's frame-level numbers (%) for this recipe, 'SET METRIC VALUE' each "
+                         "(metric acc, auc or eer); `fdtrain report` prints them beside the results")
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
@@ -460,6 +462,10 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
+    for entry in cfg.eval.paper:
+        parts = entry.split()
+        if len(parts) != 3 or parts[1] not in ("acc", "auc", "eer") or not _is_number(parts[2]):
+            raise ConfigError(f"eval.paper: entries are 'SET METRIC VALUE' (metric acc, auc or eer), got {entry!r}")
     bad = [s for s in cfg.model.sources if s not in ("inva", "real", "fake")]
     if bad or not cfg.model.sources:
         raise ConfigError(f"model.sources: need a non-empty subset of [inva, real, fake], got {cfg.model.sources}")
@@ -505,3 +511,11 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr_scaling != "none" and not cfg.optim.reference_batch:
         raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling} scales relative to optim.reference_batch, "
                           "which is 0: set it (the global batch optim.lr was tuned at)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

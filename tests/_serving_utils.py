@@ -43,3 +43,4 @@ def train_tiny(out: Path, *, variant: str = "fakediffer", steps: int = 3, seed: 
     torch.save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "state_dict": state, "step": steps, "epoch": 0,
                 "metrics": {}}, out / "model.pt")
     return out / "model.pt"
+

@@ -48,7 +48,8 @@ CASES = [("fakediffer", "onnx", True), ("fakediffer", "torchscript", False), ("x
 
 @pytest.mark.parametrize("variant,fmt,recons", CASES, ids=[f"{v}-{f}{'-recons' if r else ''}" for v, f, r in CASES])
 def test_export_matches_pytorch_on_two_batch_sizes(tiny, tmp_path, variant, fmt, recons):
-    from fdtrain.serving.export import export, sha256_file
+    from fdtrain.fingerprint import sha256_file
+    from fdtrain.serving.export import export
 
     out = tmp_path / f"m.{fmt}"
     side = export(tiny[variant], fmt, out, with_reconstructions=recons)

@@ -116,7 +116,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_VIDEO", help="image or video files, or folders of them")
-    p.add_argument("--checkpoint", required=True, help="model.pt, a checkpoint folder, or a run folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model.pt, a checkpoint folder, or a run folder (PyTorch)")
+    src.add_argument("--model", help="an .onnx file from `fdtrain export`, scored through ONNX Runtime "
+                     "(torch is not needed: pip install '.[onnx]')")
     p.add_argument("--out", default="", help="write the JSON lines here instead of stdout")
     p.add_argument("--frames", type=int, default=16, help="frames sampled uniformly per video")
     p.add_argument("--detector", default="dlib", help="face detector for videos: dlib[:opts], boxes:FILE, none")
@@ -137,7 +140,10 @@ def run_predict(args: argparse.Namespace) -> int:
     out = open(args.out, "w") if args.out else sys.stdout
     failed = 0
     try:
-        for rec in predict_paths(args.checkpoint, args.inputs, opts, device=args.device):
+        if args.model and not args.model.lower().endswith(".onnx"):
+            raise FileNotFoundError(f"--model {args.model}: expected an .onnx file written by `fdtrain export` "
+                                    "(a PyTorch checkpoint goes to --checkpoint)")
+        for rec in predict_paths(args.model or args.checkpoint, args.inputs, opts, device=args.device):
             failed += rec.get("score") is None
             out.write(json.dumps(rec) + "\n")
             out.flush()

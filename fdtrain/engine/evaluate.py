@@ -185,6 +185,23 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
             if callable(getattr(loader, "close", None)):
                 loader.close()
         results[set_name] = res.metrics
+    fp = None
+    if rank == 0:
+        from fdtrain.fingerprint import fingerprint, manifest_info, sha256_file
+
+        fp = fingerprint(blob["config"], checkpoint_selection(model_file))
+        fp["checkpoint_sha256"] = sha256_file(model_file)
+        fp["evaluated_data"] = {n: manifest_info(f) for n, f in find_sets(data, name).items()}
     return {"checkpoint": str(model_file), "step": blob.get("step"), "run": cfg.run.name,
             "input_size": cfg.model.input_size, "threshold": threshold, "results": results,
-            "is_main_process": rank == 0}
+            "fingerprint": fp, "is_main_process": rank == 0}
+
+
+def checkpoint_selection(model_file: Path) -> dict[str, Any]:
+    """How this checkpoint was chosen: the run's best (with the rule from best.json) or not."""
+    ckpt = model_file.resolve().parent
+    best_json = ckpt.parent / "best.json"
+    info = json.loads(best_json.read_text()) if best_json.is_file() else {}
+    if info.get("checkpoint") == ckpt.name:
+        return {"evaluated": f"{ckpt.name} (best)", **{k: v for k, v in info.items() if k != "checkpoint"}}
+    return {"evaluated": f"{ckpt.name} (as given: not the run's best)" if info else f"{ckpt.name} (no best recorded)"}

@@ -5,6 +5,10 @@ Videos: ``frames`` frames spread uniformly over the video, the face of each crop
 ingestion does (fdtrain.data.video / fdtrain.data.faces: detector, score x area choice, square box
 x1.3, short side 320, JPEG q95 round trip), then scored; the video's score is the mean frame score,
 as the video-level metrics define it.
+
+One Predictor serves both scoring paths: a PyTorch checkpoint, or an exported ONNX model through ONNX
+Runtime (``--model FILE.onnx``). Both get their input from fdtrain.serving.preprocess, and the ONNX
+path never imports torch (nothing here does at module level), so a serving host needs no torch.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from fdtrain.serving.preprocess import to_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +51,23 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return out
 
 
-def to_input(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """HxWx3 uint8 -> (3,S,S) float in [-1,1], as the loaders do it: uint8 antialiased bilinear
-    resize (the PyTorch fallback's call; DALI's linear+antialias is the same filter), then
-    (v/255 - 0.5)/0.5."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
+class TorchLogits:
+    """A PyTorch model as the Predictor's scorer: (N,3,S,S) float32 batch -> (N,) logits."""
 
-    from fdtrain.data.loader import normalize_uint8
+    def __init__(self, model, device):
+        self.model, self.device = model.to(device).eval(), device
 
-    img = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # (3,H,W), a writable copy
-    if img.shape[-2:] != (size, size):
-        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return normalize_uint8(img)
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, input_size: int, device: torch.device, opts: PredictOptions):
-        self.model, self.size, self.device, self.opts = model.to(device).eval(), input_size, device, opts
+    def __init__(self, logits, input_size: int, opts: PredictOptions):
+        """``logits``: TorchLogits, fdtrain.serving.runtime.OnnxModel, or any batch -> logits callable."""
+        self.logits, self.size, self.opts = logits, input_size, opts
         self._detector = None
 
     def detector(self):
@@ -84,12 +88,11 @@ class Predictor:
         crop = crop_face(rgb, face[0], self.opts.margin, self.opts.crop_size)
         return load_rgb(encode_image(crop, "jpg", self.opts.jpeg_quality))
 
-    @torch.no_grad()
     def scores(self, crops: list[np.ndarray]) -> list[float]:
         out = []
         for i in range(0, len(crops), self.opts.batch_size):
-            x = torch.stack([to_input(c, self.size) for c in crops[i:i + self.opts.batch_size]]).to(self.device)
-            out += torch.sigmoid(self.model(x).float()).cpu().tolist()
+            logits = np.asarray(self.logits(to_batch(crops[i:i + self.opts.batch_size], self.size)), np.float64)
+            out += (1.0 / (1.0 + np.exp(-logits))).tolist()
         return out
 
     def predict(self, path: Path) -> dict[str, Any]:
@@ -127,13 +130,25 @@ class Predictor:
 
 def predict_paths(checkpoint: str | os.PathLike, paths: list[str], opts: PredictOptions,
                   device: str = "auto") -> Iterator[dict[str, Any]]:
-    """Yield one record per input: {"path", "kind", "score", "label", ...} or with "error"."""
-    from fdtrain.engine.checkpoint import resolve_model_file
-    from fdtrain.inference import load_model
+    """Yield one record per input: {"path", "kind", "score", "label", ...} or with "error".
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model, cfg = load_model(resolve_model_file(checkpoint))
-    predictor = Predictor(model, cfg.model.input_size, dev, opts)
+    ``checkpoint``: a model.pt / checkpoint / run folder (PyTorch), or an exported ``.onnx`` file
+    (ONNX Runtime, with the sidecar `fdtrain export` wrote beside it; torch is not imported).
+    """
+    if Path(checkpoint).suffix.lower() == ".onnx":
+        from fdtrain.serving.runtime import OnnxModel
+
+        onnx_model = OnnxModel(checkpoint, device=device)
+        predictor = Predictor(onnx_model, onnx_model.input_size, opts)
+    else:
+        import torch
+
+        from fdtrain.engine.checkpoint import resolve_model_file
+        from fdtrain.inference import load_model
+
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        model, cfg = load_model(resolve_model_file(checkpoint))
+        predictor = Predictor(TorchLogits(model, dev), cfg.model.input_size, opts)
     for p in expand_inputs(paths):
         yield predictor.predict(p)

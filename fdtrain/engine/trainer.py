@@ -454,6 +454,9 @@ class Trainer:
             result = self.evaluate_set(name, name)
             report["test"][name] = result.metrics
         if self.acc.is_main_process:
+            from fdtrain.fingerprint import fingerprint
+
+            report["fingerprint"] = fingerprint(cfg.to_dict(), {"evaluated": evaluated, **report.get("selection", {})})
             ev.write_json(self.run_dir / "metrics.json", report)
             if report["test"]:
                 self._say(ev.format_table(report["test"]))

@@ -18,7 +18,6 @@ normalisation, the outputs, the model config and the checkpoint's sha256.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from fdtrain import FdtrainError
+from fdtrain.fingerprint import sha256_file
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
@@ -39,14 +39,6 @@ ATOL = RTOL = 1e-4  # fp32 on both sides; a correct graph differs by ~1e-6 (reor
 
 class ExportError(FdtrainError):
     """An export that cannot be made or did not match; the message says which input or output."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class InferenceGraph(nn.Module):

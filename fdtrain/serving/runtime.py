@@ -9,6 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from fdtrain import FdtrainError
+
+
+class ServingError(FdtrainError):
+    """An exported model that cannot be served: the message names the file."""
+
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
     """``model.onnx`` -> ``model.onnx.json`` (written by `fdtrain export`)."""
@@ -25,7 +31,7 @@ def providers(device: str = "auto") -> list[str]:
         if "CUDAExecutionProvider" in have:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if device != "auto":
-            raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider (has {have}); "
+            raise ServingError(f"--device {device}: this onnxruntime has no CUDA provider (has {have}); "
                              "install onnxruntime-gpu")
     return ["CPUExecutionProvider"]
 
@@ -52,11 +58,19 @@ class OnnxModel:
         if not side.is_file():
             raise FileNotFoundError(f"{side}: the sidecar `fdtrain export` writes beside {path.name} is missing "
                                     "(it holds the input size and normalisation)")
-        self.meta: dict[str, Any] = json.loads(side.read_text())
+        try:
+            self.meta: dict[str, Any] = json.loads(side.read_text())
+            self.input_size = int(self.meta["input_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ServingError(f"{side}: not a sidecar written by `fdtrain export` ({type(e).__name__}: {e})") from e
         if self.meta.get("format") != "onnx":
-            raise ValueError(f"{side}: describes a {self.meta.get('format')!r} export, not an ONNX one")
-        self.input_size = int(self.meta["input_size"])
-        self.session = make_session(path, device, threads)
+            raise ServingError(f"{side}: describes a {self.meta.get('format')!r} export, not an ONNX one")
+        try:
+            self.session = make_session(path, device, threads)
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            if isinstance(e, FdtrainError):
+                raise
+            raise ServingError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {e})") from e
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
