@@ -23,6 +23,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "model"), "fdtrain.bench.model:bench", "FakeDiffer vs plain Xception forward+backward images/s"),
     (("bench", "data"), "fdtrain.bench.data:bench", "loader images/s: DALI, fallback, naive baseline"),
     (("bench", "train"), "fdtrain.bench.train:bench", "end-to-end training images/s and data-wait share"),
+    (("bench", "serve"), "fdtrain.bench.serve:bench", "predict images/s: PyTorch vs ONNX Runtime, side by side"),
     (("bench", "shards"), "fdtrain.bench.shards:bench", "face-crop ingestion rate for 1..N workers"),
 ]
 

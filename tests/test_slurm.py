@@ -171,3 +171,25 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, t
     assert (run / "metrics.json").is_file() and not (run / "preempted.json").exists()
     final = max(int(p.name.split("-")[-1]) for p in (run / "checkpoints").glob("step-*"))
     assert final == steps
+
+
+def test_seeds_sbatch_one_run_per_seed_then_report(slurm_env, shards, tmp_path):
+    """A job array over run.seed: each task trains in its own run folder; `fdtrain report` averages them."""
+    seeds_dir = tmp_path / "seeds"
+    over = [o for o in _tiny_overrides(shards, tmp_path / "unused", "seedrun", max_steps=2)
+            if not o.startswith("--run.out_dir=")]
+    log = tmp_path / "seeds-%a.out"
+    out = _run(["sbatch", "--parsable", "--array=1-2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=20",
+                "--job-name=fdtrain-test", f"--output={log}", "slurm/seeds.sbatch", "recipes/demo.yaml", *over],
+               env={**slurm_env, "FDTRAIN_CPU": "1", "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                    "FDTRAIN_SEEDS_DIR": str(seeds_dir)})
+    array_job = out.strip().split(";")[0]
+    for task in (1, 2):
+        task_log = tmp_path / f"seeds-{task}.out"
+        rec = _wait(slurm_env, f"{array_job}_{task}", task_log, timeout=600)
+        assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), task_log.read_text()[-4000:]
+        config = (seeds_dir / f"seed-{task}" / "seedrun" / "config.yaml").read_text()
+        assert re.search(rf"^  seed: {task}$", config, re.M), config[:400]
+    runs = [str(seeds_dir / f"seed-{t}" / "seedrun") for t in (1, 2)]
+    md = _run([sys.executable, "-m", "fdtrain", "report", *runs], env=slurm_env)
+    assert "## seedrun" in md and "2 run(s)" in md and re.search(r"\| in_domain \| frame \| 2 \|", md), md
