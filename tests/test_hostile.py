@@ -137,3 +137,102 @@ def test_full_disk_during_a_checkpoint_is_one_message(tmp_path, data, small_disk
                         "free on the file system of", "--resume auto")
     assert re.search(r"rank 0; \d+(\.\d)? (B|KiB|MiB) free", line), line
     assert not list((small_disk / "full" / "checkpoints").iterdir()), "the incomplete checkpoint was left behind"
+
+
+@pytest.mark.slow
+def test_missing_val_and_test_folders_fail_before_training(tmp_path, data):
+    proc = _train(tmp_path, data, "early", **{"data.val": str(tmp_path / "no_val"), "train.max_steps": 2,
+                                              "data.test": {"cdf": str(tmp_path / "no_cdf")}})
+    _one_message(proc, f"data.val={tmp_path / 'no_val'}: no such folder",
+                 f"data.test.cdf={tmp_path / 'no_cdf'}: no such folder")
+    assert "step 1" not in proc.stdout and not (tmp_path / "runs" / "early" / "checkpoints").exists()
+
+
+def _corrupt_one_jpeg(split_dir):
+    """Same-length garbage over one JPEG inside a shard: the manifest and index still agree."""
+    import tarfile
+
+    tar_path = sorted(split_dir.glob("*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        m = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with open(tar_path, "r+b") as f:
+        f.seek(m.offset_data)
+        f.write(b"\x00" * m.size)
+    return m.name[: -len(".jpg")]
+
+
+@pytest.mark.slow
+def test_a_failing_validation_keeps_the_checkpoint_that_was_due(tmp_path, data):
+    broken = tmp_path / "data_broken"
+    shutil.copytree(data, broken)
+    key = _corrupt_one_jpeg(broken / "val")
+    proc = _train(tmp_path, broken, "valfail", **{"data.val": str(broken / "val"), "data.backend": "torch"})
+    line = _one_message(proc, "data error", key)
+    assert "undecodable" in line or "decode" in line, line
+    # epoch 1 ended (4 steps): its checkpoint was written before validation failed
+    assert ck.newest_checkpoint(tmp_path / "runs" / "valfail" / "checkpoints").name == "step-00000004"
+
+
+@pytest.mark.slow
+def test_a_run_folder_has_one_live_owner(tmp_path, data):
+    """A second run with the same name is refused while the first lives; after the first is
+    killed -9 its stale lock is recognised (same host, dead pid) and --resume auto takes over."""
+    import json
+    import signal
+    import subprocess
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {name: shared}\n")
+    args = U.overrides(data, tmp_path / "runs", "shared", **{"data.test": {}, "data.val": "", "train.max_steps": 400,
+                                                            "checkpoint.every_steps": 2})
+    run_dir = tmp_path / "runs" / "shared"
+    first = subprocess.Popen(U.fdtrain_cmd("train", str(recipe), *args), cwd=U.REPO, env=U.env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert U.wait_for(lambda: ck.newest_checkpoint(run_dir / "checkpoints") is not None, 300, first, poll=0.2)
+        owner = json.loads((run_dir / "run.lock").read_text())
+        second = U.run(U.fdtrain_cmd("train", str(recipe), *args, "--resume", "auto"))
+        _one_message(second, f"{run_dir} is in use by a live run", f"pid {owner['pid']}", "another --run.name")
+        assert first.poll() is None, "the refused run disturbed the live one"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run_dir / "run.lock").exists()  # a kill -9 leaves it behind
+    args = [a for a in args if not a.startswith("--train.max_steps")] + ["--train.max_steps=1"]
+    third = U.run(U.fdtrain_cmd("train", str(recipe), *args, "--resume", "auto", "--train.max_steps=1"))
+    assert third.returncode == 0, U.explain(third)
+    assert "removed the lock of a run that is gone (" in third.stdout and f"pid {owner['pid']}" in third.stdout
+    assert not (run_dir / "run.lock").exists()  # released at the end
+
+
+@pytest.mark.slow
+def test_resume_refuses_fixed_fields_and_records_the_rest(tmp_path, data):
+    import json
+
+    import yaml
+
+    done = _train(tmp_path, data, "rc", **{"train.max_steps": 2})
+    assert done.returncode == 0, U.explain(done)
+    run_dir = tmp_path / "runs" / "rc"
+    refused = _train(tmp_path, data, "rc", "--resume", "auto", **{"train.max_steps": 4, "model.input_size": 96,
+                                                                 "model.variant": "xception", "run.seed": 7})
+    _one_message(refused, "cannot change on resume", "model.input_size: 64 (checkpoint) -> 96 (now)",
+                 "model.variant: 'fakediffer' (checkpoint) -> 'xception' (now)", "run.seed: 42 (checkpoint) -> 7 (now)")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["input_size"] == 64  # untouched
+
+    ok = _train(tmp_path, data, "rc", "--resume", "auto",
+                **{"train.max_steps": 4, "optim.lr": 1e-3, "optim.weight_decay": 0.0, "checkpoint.every_steps": 1,
+                   "data.test": {"extra": str(data / "test")}})
+    assert ok.returncode == 0, U.explain(ok)
+    assert "resumed with config changes (they take effect now): " in ok.stdout
+    for change in ("optim.lr 0.0005 -> 0.001", "train.max_steps 2 -> 4", "checkpoint.every_steps 0 -> 1"):
+        assert change in ok.stdout, ok.stdout[-3000:]
+    entry = json.loads((run_dir / "config_changes.jsonl").read_text().splitlines()[-1])
+    assert entry["step"] == 2 and entry["changed"]["optim.lr"] == {"old": 0.0005, "new": 0.001}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.001  # what runs now
+    names = [p.name for _, p in ck.list_checkpoints(run_dir / "checkpoints")]
+    assert names[-2:] == ["step-00000003", "step-00000004"]  # the new cadence: every step
+    state = torch.load(run_dir / "checkpoints" / "step-00000004" / "train_state.pt", weights_only=True)
+    assert all(g["weight_decay"] == 0.0 for g in state["optimizer"]["param_groups"])
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)  # constant schedule, past warmup
+    assert "extra" in U.metrics(run_dir)["test"]

@@ -138,6 +138,21 @@ def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
     return blob
 
 
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config a checkpoint folder was trained with (meta.json; model.pt for older checkpoints)."""
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a complete fdtrain checkpoint (no meta.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{meta_file}: unreadable ({e})") from None
+    if isinstance(meta.get("config"), dict):
+        return meta["config"]
+    return load_model_file(path / "model.pt")["config"]
+
+
 def consolidate_deepspeed(ds_dir: str | os.PathLike, tag: str = DS_TAG) -> dict[str, torch.Tensor]:
     """A plain fp32 state dict from a DeepSpeed ZeRO (1-3) checkpoint folder (offline, one process)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -246,7 +261,7 @@ class Checkpointer:
                 torch.save(plain({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
                                   "epoch": epoch, "metrics": metrics}), tmp / "model.pt")
                 meta = {"step": step, "epoch": epoch, "metrics": metrics, "world_size": acc.num_processes,
-                        "deepspeed": self.is_deepspeed}
+                        "deepspeed": self.is_deepspeed, "config": config}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
                 _fsync_tree(tmp)
                 os.rename(tmp, final)

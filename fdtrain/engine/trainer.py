@@ -11,6 +11,8 @@ Exit codes: 0 done; fdtrain.EXIT_PREEMPTED (75) checkpointed after SIGTERM/SIGUS
 """
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,9 +24,17 @@ import torch
 from fdtrain import EXIT_PREEMPTED
 from fdtrain.config import Config, ConfigError
 from fdtrain.engine import evaluate as ev
+from fdtrain.engine import resume_config
 from fdtrain.engine.accel import build_accelerator, is_deepspeed, reduce_max
-from fdtrain.engine.checkpoint import Checkpointer, best_checkpoint, list_checkpoints, newest_checkpoint
+from fdtrain.engine.checkpoint import (
+    Checkpointer,
+    best_checkpoint,
+    checkpoint_config,
+    list_checkpoints,
+    newest_checkpoint,
+)
 from fdtrain.engine.optim import Schedule, apply_schedule, build_optimizer, build_scheduler, optimizer_steps_per_epoch
+from fdtrain.engine.runlock import RunLock
 from fdtrain.engine.signals import PreemptionHandler
 from fdtrain.engine.tblog import Progress, TBLogger
 
@@ -52,6 +62,10 @@ class Trainer:
         self.acc = acc = build_accelerator(cfg)
         self.deepspeed = is_deepspeed(acc)
         self.run_dir = Path(cfg.run_dir)
+        self.lock = RunLock(self.run_dir)
+        _on_every_rank(acc, self.lock.acquire if acc.is_main_process else None)  # one live run per folder
+        atexit.register(self.lock.release)  # whatever way this process ends, short of a kill -9
+        self._check_inputs()  # every data path, before minutes of model and loader set-up
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         set_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -100,6 +114,24 @@ class Trainer:
         self._buffers = [b for b in acc.unwrap_model(self.model).buffers()]
         self._buffer_snapshot = [b.detach().clone() for b in self._buffers]
         self._micro_in_window = 0
+
+    def _check_inputs(self) -> None:
+        """Fail now, not after an epoch (val) or after all of training (test sets): every split
+        of the recipe must be a readable shard folder, and the selection set must exist."""
+        from fdtrain.data import DataError
+        from fdtrain.data.loader import open_shards, split_path
+
+        cfg = self.cfg
+        self._selection_set()
+        problems = []
+        for split in ["train", *(["val"] if cfg.data.val else []), *cfg.data.test]:
+            location, field = split_path(cfg, split, None)
+            try:
+                open_shards(location, split, field=field, need_index=False)
+            except DataError as e:
+                problems.append(str(e))
+        if problems:
+            raise DataError("; ".join(problems))
 
     # ---- sizes ---------------------------------------------------------------------------
     def _optimizer_steps_per_epoch(self) -> int:
@@ -153,6 +185,17 @@ class Trainer:
         self.best = sd.get("best")
         self.last_metrics = sd.get("last_metrics", {})
 
+    def _restore_best(self, ckpt_dir: Path) -> None:
+        """The best so far from best.json: a checkpoint is saved before its step's validation, so
+        its own trainer state may predate the best it became."""
+        try:
+            info = json.loads((ckpt_dir / "best.json").read_text())
+        except (OSError, ValueError):
+            return
+        step = info.get("step")
+        if isinstance(step, int) and step <= self.step and (self.best is None or step >= self.best["step"]):
+            self.best = {"value": info["value"], "step": step}
+
     def _resume(self) -> None:
         ckpt_dir = self.run_dir / "checkpoints"
         choice = self.cfg.run.resume
@@ -167,9 +210,18 @@ class Trainer:
             log.info("--resume auto: no checkpoint in %s yet, starting from scratch", ckpt_dir)
             self.loader.set_epoch(0)
             return
+        changed = resume_config.compare(checkpoint_config(path), self.cfg, str(path))  # before any weights load
         state = self.ckpt.load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.step, self.epoch = state["step"], state["epoch"]
         self.load_state_dict(state["trainer"])
+        self._restore_best(ckpt_dir)
+        for group in self.optimizer.param_groups:  # the loaded state holds the old values; the config rules
+            group.update(weight_decay=self.cfg.optim.weight_decay, betas=tuple(self.cfg.optim.betas),
+                         eps=self.cfg.optim.eps)
+        if changed:
+            self._say(f"resumed with config changes (they take effect now): {resume_config.describe(changed)}")
+            if self.acc.is_main_process:
+                resume_config.record(self.run_dir, self.step, str(path), changed)
         self._rebuild_schedule(state["trainer"], path)
         if state["loader"] is not None:
             self.loader.load_state_dict(state["loader"])
@@ -343,15 +395,17 @@ class Trainer:
         t_pause = time.perf_counter()  # evaluation and checkpoint time stay out of images/s
         if evaluate or save_due:
             self._sync_buffers()
+        # Save before validating: a validation that fails, or a kill during it, costs no checkpoint.
+        path = self._save() if save_due else None
         if evaluate and self._selection_set() is not None:
-            improved = self._validate()
-        save = save_due or (improved and cfg.checkpoint.keep_best)
-        if save:
-            path = self.ckpt.save(step=self.step, epoch=self.epoch, model=self.model, optimizer=self.optimizer,
-                                  scheduler=self.scheduler, config=cfg.to_dict(), metrics=self.last_metrics,
-                                  trainer_state=self.state_dict(), loader_state=self.loader.state_dict())
-            if improved and cfg.checkpoint.keep_best:
-                self.ckpt.mark_best(path, {**self.best, **self._selection_label()})
+            if stop:  # pre-empted: the checkpoint is what counts; the grace time is short
+                self._say(f"step {self.step}: validation skipped (pre-empted; the checkpoint is written)")
+            else:
+                improved = self._validate()
+        if improved and cfg.checkpoint.keep_best:
+            path = path or self._save()
+            self.ckpt.mark_best(path, {**self.best, **self._selection_label()})
+        if path is not None:
             self.ckpt.prune()
         self._win["t0"] += time.perf_counter() - t_pause
         if stop:
@@ -362,6 +416,11 @@ class Trainer:
                                                                 "signal": self.signals.requested})
             return EXIT_PREEMPTED
         return None
+
+    def _save(self) -> Path:
+        return self.ckpt.save(step=self.step, epoch=self.epoch, model=self.model, optimizer=self.optimizer,
+                              scheduler=self.scheduler, config=self.cfg.to_dict(), metrics=self.last_metrics,
+                              trainer_state=self.state_dict(), loader_state=self.loader.state_dict())
 
     def _new_window(self) -> None:
         self._win = {"t0": time.perf_counter(), "data": 0.0, "images": 0, "steps": 0, "lr": 0.0,
@@ -524,6 +583,26 @@ class Trainer:
                 closer()
 
 
+def _on_every_rank(acc, fn: Callable[[], None] | None) -> None:
+    """Run ``fn`` (where given) and agree: an FdtrainError on one rank is raised on all of them."""
+    from fdtrain import FdtrainError
+
+    problem = None
+    try:
+        if fn is not None:
+            fn()
+    except FdtrainError as e:
+        problem = e
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        msgs = [m for m in gather_object([None if problem is None else str(problem)]) if m]
+        if msgs and problem is None:
+            problem = FdtrainError("; ".join(dict.fromkeys(msgs)))
+    if problem is not None:
+        raise problem
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -550,6 +629,7 @@ def train(cfg: Config) -> int:
             code = trainer.fit()
         finally:
             trainer.close()  # local resources only: no collective here, a failing rank must not hang
+            trainer.lock.release()
     except (ConfigError, DataError, FdtrainError):
         # every rank raises these at the same point (checks at start, agreed save/load errors): end the
         # process group here, as a normal exit does, so that no rank aborts in gloo's teardown
