@@ -110,6 +110,10 @@ class DataConfig:
     flip_p: float = f(0.5, "horizontal flip probability (training)")
     noise_p: float = f(0.5, "probability that a sample gets Gaussian noise in the noisy view")
     noise_std: float = f(1e-6, "std of that noise in normalized [-1,1] units (code: 1e-6)")
+    balance: Literal["none", "subsample_fakes", "weighted"] = f(
+        "none", "training class balance: none; subsample_fakes: fakes drawn once (seeded, without replacement) "
+        "down to the real count (the released code, Celeb-DF/WildDeepfake); weighted: each epoch resamples the "
+        "split with replacement, each draw real or fake with probability 1/2")
     on_corrupt: Literal["error", "skip"] = f("error", "undecodable sample: stop naming it, or skip and count")
     missing_index: Literal["build", "error"] = f("build", "shard without DALI index: build it (warn) or refuse")
     pin_memory: bool = f(True, "pinned host memory for the torch backend when on CUDA")

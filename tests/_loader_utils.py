@@ -31,9 +31,11 @@ def sample_keys(n: int, method: str = "Deepfakes") -> list[str]:
 
 
 def write_split(root: str | Path, n: int, n_shards: int, *, size: int = 80, split: str = "train", seed: int = 0,
-                corrupt: dict[int, str] | None = None, index: bool = True, image_ext: str = "jpg") -> Path:
+                corrupt: dict[int, str] | None = None, index: bool = True, image_ext: str = "jpg",
+                real_every: int = 2) -> Path:
     """A split folder with n samples in n_shards tars; ``corrupt`` maps sample numbers to
-    "truncated" (first half of the JPEG) or "garbage" (not an image). Labels alternate 0, 1."""
+    "truncated" (first half of the JPEG) or "garbage" (not an image). Sample k is real (0) when
+    k % real_every == 0, else fake (1): labels alternate 0, 1 by default."""
     import wds2idx
     import webdataset as wds
 
@@ -55,7 +57,7 @@ def write_split(root: str | Path, n: int, n_shards: int, *, size: int = 80, spli
                     data = data[: len(data) // 2]
                 elif corrupt.get(k) == "garbage":
                     data = b"this is not an image " * 20
-                label = k % 2
+                label = int(k % real_every != 0)
                 meta = {"key": keys[k], "dataset": "ffpp", "split": split, "method": "Deepfakes",
                         "compression": "c23", "video": keys[k].rsplit("/", 1)[0], "frame": int(keys[k][-4:]),
                         "label": label, "source": f"synthetic/{k}.png"}
@@ -66,8 +68,9 @@ def write_split(root: str | Path, n: int, n_shards: int, *, size: int = 80, spli
             with wds2idx.IndexCreator(str(root / name), str(root / f"shard-{s:06d}.idx"), verbose=False) as ic:
                 ic.create_index()
         shards.append({"name": name, "num_samples": count, "sha256": ""})
+    reals = len(range(0, n, real_every))
     manifest = {"split": split, "num_samples": n, "num_shards": n_shards, "shards": shards,
-                "counts": {"label": {"0": (n + 1) // 2, "1": n // 2}, "method": {"Deepfakes": n}},
+                "counts": {"label": {"0": reals, "1": n - reals}, "method": {"Deepfakes": n}},
                 "skipped": [], "command": "tests/_loader_utils.py"}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return root

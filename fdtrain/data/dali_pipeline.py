@@ -120,9 +120,9 @@ class DaliLoader(Loader):
         (and the fallback) draws alike; evaluation: manifest order."""
         if not self.train:
             return self.shards
-        order = list(range(self.shards.num_shards))
+        s = self.selected_shards(epoch)  # data.balance's selection (all shards without it)
+        order = list(range(s.num_shards))
         random.Random(mix_seed(self.seed, epoch, 0x5A4D)).shuffle(order)
-        s = self.shards
         return ShardSet(split=s.split, root=s.root, tars=[s.tars[i] for i in order],
                         indexes=[s.indexes[i] for i in order], counts=[s.counts[i] for i in order])
 

@@ -269,6 +269,101 @@ def add_gated_noise(x: torch.Tensor, p: float, std: float, generator: torch.Gene
 
 
 # --------------------------------------------------------------------------------------------
+# Class balance (data.balance): the selection is made on the index files, so both backends read it
+# --------------------------------------------------------------------------------------------
+class Balance:
+    """Which training samples an epoch reads, written as DALI index files over the same tars.
+
+    ``subsample_fakes`` (the released code for Celeb-DF and WildDeepfake): every real, and as many
+    fakes as reals drawn once without replacement with ``run.seed``: one selection for the whole run.
+    ``weighted``: each epoch draws as many samples as the split holds, with replacement, each draw
+    real or fake with probability 1/2 then uniform within its class, seeded by (seed, epoch).
+    Both are pure functions of the seed (and epoch), the same on every rank, so resume replays them.
+    Labels come from each sample's ``cls`` member, read at the offset its index line gives.
+    """
+
+    def __init__(self, shards: ShardSet, policy: str, seed: int):
+        self.full, self.policy, self.seed = shards, policy, seed
+        self.lines = [Path(i).read_text().splitlines()[1:] for i in shards.indexes]
+        labels = [_labels_of(str(t), lines) for t, lines in zip(shards.tars, self.lines)]
+        self.tar_of = np.concatenate([np.full(len(v), i) for i, v in enumerate(labels)])  # (N,)
+        self.line_of = np.concatenate([np.arange(len(v)) for v in labels])  # (N,)
+        self.is_fake = np.concatenate(labels).astype(bool)  # (N,)
+        self.n_real, self.n_fake = int((~self.is_fake).sum()), int(self.is_fake.sum())
+        if min(self.n_real, self.n_fake) == 0:
+            raise DataError(f"data.balance={policy}: the training split {shards.root} holds {self.n_real} real and "
+                            f"{self.n_fake} fake samples; balancing needs both")
+        self._tmp = tempfile.TemporaryDirectory(prefix="fdtrain-balance-")
+        self._cache: dict[int, tuple[ShardSet, int]] = {}  # epoch -> (shards, reals); weighted only
+        self.fixed = self._subsample() if policy == "subsample_fakes" else None
+
+    def _subsample(self) -> tuple[ShardSet, int]:
+        fakes = np.flatnonzero(self.is_fake)
+        keep = fakes
+        if len(fakes) > self.n_real:
+            rng = np.random.default_rng(mix_seed(self.seed, 0xBA1A))
+            keep = np.sort(rng.choice(fakes, size=self.n_real, replace=False))
+        picked = np.sort(np.concatenate([np.flatnonzero(~self.is_fake), keep]))
+        return self._write(picked, "subsample")
+
+    def shards(self, epoch: int) -> ShardSet:
+        """The shards an epoch reads (subsample_fakes: the same every epoch)."""
+        return self._selection(epoch)[0]
+
+    def share(self, epoch: int) -> tuple[int, int]:
+        """(real, fake) samples the epoch's selection holds."""
+        sel, real = self._selection(epoch)
+        return real, sel.num_samples - real
+
+    def _selection(self, epoch: int) -> tuple[ShardSet, int]:
+        if self.fixed is not None:
+            return self.fixed
+        if epoch not in self._cache:
+            rng = np.random.default_rng(mix_seed(self.seed, epoch, 0xBA1B))
+            n = len(self.is_fake)
+            fake_draw = rng.random(n) < 0.5
+            reals, fakes = np.flatnonzero(~self.is_fake), np.flatnonzero(self.is_fake)
+            picked = np.where(fake_draw, fakes[rng.integers(0, len(fakes), n)], reals[rng.integers(0, len(reals), n)])
+            for old in [e for e in self._cache if e < epoch - 1]:  # keep this epoch's and the previous files
+                for idx in self._cache.pop(old)[0].indexes:
+                    Path(idx).unlink(missing_ok=True)
+            self._cache[epoch] = self._write(picked, f"e{epoch}")
+        return self._cache[epoch]
+
+    def _write(self, picked: np.ndarray, tag: str) -> tuple[ShardSet, int]:
+        """Index files holding the picked samples (global sample numbers; repeats allowed), tar by tar."""
+        tars, indexes, counts, real = [], [], [], 0
+        for i in range(self.full.num_shards):
+            mine = picked[self.tar_of[picked] == i]
+            if not len(mine):
+                continue
+            out = Path(self._tmp.name) / f"{tag}-{i:06d}.idx"
+            body = [self.lines[i][j] for j in self.line_of[mine]]
+            out.write_text(f"v1.2 {len(body)}\n" + "\n".join(body) + "\n")
+            tars.append(self.full.tars[i])
+            indexes.append(out)
+            counts.append(len(body))
+            real += int((~self.is_fake[mine]).sum())
+        return ShardSet(split=self.full.split, root=self.full.root, tars=tars, indexes=indexes, counts=counts), real
+
+
+def _labels_of(tar: str, lines: list[str]) -> np.ndarray:
+    """0/1 label of each sample of a tar, from the ``cls`` member its index line points at."""
+    out = np.zeros(len(lines), dtype=np.uint8)
+    with open(tar, "rb") as fh:
+        for j, line in enumerate(lines):
+            parts = line.split()
+            cls = next(((int(parts[k + 1]), int(parts[k + 2])) for k in range(0, len(parts) - 3, 4)
+                        if parts[k] == "cls"), None)
+            key = sample_key(parts[3]) if len(parts) > 3 else "?"
+            if cls is None:
+                raise DataError(f"shard {tar}, key {key}: no cls member (data.balance needs each sample's label)")
+            fh.seek(cls[0])
+            out[j] = int(parse_label(fh.read(cls[1]), key, tar))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The loader
 # --------------------------------------------------------------------------------------------
 class Loader:
@@ -286,6 +381,7 @@ class Loader:
         self.epoch = 0
         self.step_in_epoch = 0
         self.skipped: dict[str, str] = {}  # key -> "shard: reason", with data.on_corrupt=skip
+        self.balance: Balance | None = None  # data.balance: set by build_loader (training)
         self.num_samples = shards.num_samples
         if train:
             self.steps_per_epoch = self.num_samples // (world_size * self.batch_size)
@@ -361,6 +457,22 @@ class Loader:
             log.warning("data[%s]: skipped undecodable sample %s in %s (%s); %d skipped so far",
                         self.shards.split, key, shard, reason, len(self.skipped))
 
+    def selected_shards(self, epoch: int) -> ShardSet:
+        """The shards (and index files) epoch ``epoch`` reads: data.balance's selection, or all."""
+        if self.balance is None:
+            return self.shards
+        shards = self.balance.shards(epoch)
+        if getattr(self, "_balance_logged", None) != epoch:
+            self._balance_logged = epoch
+            real, fake = self.balance.share(epoch)
+            log.info("data[%s] epoch %d: balance=%s selects %d real + %d fake samples (%.1f%% fake)", shards.split,
+                     epoch, self.balance.policy, real, fake, 100.0 * fake / max(1, real + fake))
+        if self.backend == "torch" and shards.num_shards < self.world_size * max(1, self.cfg.data.num_workers):
+            raise DataError(f"data.balance={self.balance.policy}: epoch {epoch} selects samples from "
+                            f"{shards.num_shards} shard(s), fewer than {self.world_size} rank(s) x data.num_workers "
+                            "for the PyTorch fallback: write smaller shards, lower data.num_workers, or use DALI")
+        return shards
+
     # --- backends -----------------------------------------------------------------------------
     def describe(self) -> str:
         """Backend settings for the one log line that announces the loader."""
@@ -409,8 +521,14 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, de
     train = split == "train"
     backend, why = choose_backend(cfg.data.backend)
     location, field = split_path(cfg, split, path)
-    shards = open_shards(location, split, field=field, need_index=backend == "dali",
+    balancing = train and getattr(d, "balance", "none") != "none"
+    shards = open_shards(location, split, field=field, need_index=backend == "dali" or balancing,
                          missing_index=cfg.data.missing_index)
+    balance = Balance(shards, d.balance, cfg.run.seed) if balancing else None
+    if balance is not None and balance.fixed is not None:
+        shards = balance.fixed[0]  # subsample_fakes: the run's epochs all read this selection
+        log.info("data[train]: balance=subsample_fakes keeps %d real and %d of %d fake samples (seed %d)",
+                 balance.n_real, shards.num_samples - balance.n_real, balance.n_fake, cfg.run.seed)
     batch = cfg.data.batch_size if train else cfg.data.eval_batch_size
     if train and shards.num_samples < world_size * batch:
         raise DataError(f"{field}={location}: {shards.num_samples} samples cannot fill one step of "
@@ -428,6 +546,7 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, de
     else:
         from fdtrain.data.torch_loader import TorchLoader as cls
     loader = cls(cfg, shards, train=train, rank=rank, world_size=world_size, device=device, dtype=dtype)
+    loader.balance = balance
     log.info("data[%s] rank %d/%d: backend=%s (%s), %s, %d samples in %d shards, batch %d, %d steps/epoch",
              split, rank, world_size, backend, why, loader.describe(), shards.num_samples, shards.num_shards,
              batch, loader.steps_per_epoch)

@@ -284,8 +284,12 @@ class TorchLoader(Loader):
     def _batches(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         d = self.cfg.data
         if self.train:
+            urls = [(str(t), i) for t, i in zip(self.shards.tars, self.indexes)]
+            if self.balance is not None:  # data.balance: this epoch's selection, read through its index files
+                sel = self.selected_shards(epoch)
+                urls = [(str(t), str(i)) for t, i in zip(sel.tars, sel.indexes)]
             ds: IterableDataset = TrainStream(
-                [(str(t), i) for t, i in zip(self.shards.tars, self.indexes)], rank=self.rank,
+                urls, rank=self.rank,
                 world=self.world_size, epoch=epoch, seed=self.seed, batch=self.batch_size, buffer=d.shuffle_buffer,
                 skip=skip, flip_p=d.flip_p, size=self.size, on_corrupt=d.on_corrupt)
             workers = d.num_workers

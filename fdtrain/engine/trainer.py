@@ -114,6 +114,7 @@ class Trainer:
         self._buffers = [b for b in acc.unwrap_model(self.model).buffers()]
         self._buffer_snapshot = [b.detach().clone() for b in self._buffers]
         self._micro_in_window = 0
+        self._epoch_labels = torch.zeros(2, device=acc.device)  # (images, fakes) this rank trained on this epoch
 
     def _check_inputs(self) -> None:
         """Fail now, not after an epoch (val) or after all of training (test sets): every split
@@ -292,6 +293,7 @@ class Trainer:
         del it  # release the reader before the next epoch is set up
         if micro < limit:  # max_steps reached mid-epoch; that step's boundary is done
             return None
+        self._log_class_share()
         self.epoch += 1
         self.loader.set_epoch(self.epoch)  # so the epoch-end checkpoint resumes at the next epoch
         return self._step_boundary(self._stop_flag, epoch_done=True)
@@ -320,6 +322,8 @@ class Trainer:
             self._win["sums"] += torch.where(finite, terms, torch.zeros_like(terms))
             self._win["n"] += finite.float()
             self._win["images"] += x.shape[0]
+            self._epoch_labels[0] += y.numel()
+            self._epoch_labels[1] += y.detach().float().sum()
             if self.deepspeed:
                 # DeepSpeed steps inside backward, so the decision cannot wait for the boundary:
                 # agree now, and feed a zero loss for a bad micro-batch to keep every engine in step.
@@ -372,6 +376,18 @@ class Trainer:
         if every and self.step % every == 0 and isinstance(getattr(out, "recon_real", None), torch.Tensor):
             self.tb.recon_panel(x, out.recon_real, out.recon_fake, y, self.step)
         return bool(stop)
+
+    def _log_class_share(self) -> None:
+        """The real/fake share of the images trained on this epoch, over all ranks (data.balance's effect).
+        A resumed epoch counts from the resume point."""
+        seen = self.acc.reduce(self._epoch_labels.clone(), reduction="sum") if self.acc.num_processes > 1 \
+            else self._epoch_labels
+        n, fake = (float(v) for v in seen.tolist())
+        self._epoch_labels.zero_()
+        if n:
+            self._say(f"epoch {self.epoch}: trained on {int(n)} images, {n - fake:.0f} real / {fake:.0f} fake "
+                      f"({100 * fake / n:.1f}% fake, data.balance={self.cfg.data.balance})")
+            self.tb.scalars({"data/fake_share": fake / n}, self.step)
 
     def _stop_tensor(self) -> torch.Tensor:
         stop = self.signals is not None and self.signals.stop_requested
