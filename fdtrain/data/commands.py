@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from fdtrain.data.sources import SOURCES
+from fdtrain.data.video import FRAMES_PER_VIDEO
 
-DEFAULT_FRAMES = {"synth": "all"}  # every other source: 32
+DEFAULT_FRAMES = {"synth": "all"}  # every other source: video.FRAMES_PER_VIDEO
 # `fdtrain synth` defaults: sized so that synth + shards + a short CPU training + evaluation of the
 # demo take about 10 minutes on 2 cores (fdtrain.data.synth uses the same values).
 SYNTH_DEFAULTS = {"videos": 72, "frames": 4, "size": 128, "seed": 42}
@@ -67,7 +68,8 @@ def add_shards_make_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default="", help="dataset name that starts every key ('' = the source's name)")
     g = p.add_argument_group("crops")
     g.add_argument("--frames", type=_frames, default=None,
-                   help="frames per video, spread over the whole video, or 'all' (default 32; synth: all)")
+                   help=f"frames per video, spread over the whole video, or 'all' (default {FRAMES_PER_VIDEO}; "
+                   "synth: all)")
     g.add_argument("--detector", default="dlib",
                    help="dlib (default; options: dlib:upsample=0,max_side=640,retry_upsample=1), "
                    "boxes:FILE.json, none (frames are crops), or package.module:Class")
@@ -119,12 +121,18 @@ _SHAPE_ARGS = ["source", "root", "splits", "methods", "holdout_tests", "compress
                "out", "shard_size", "min_shards", "seed"]
 
 
+def default_frames(source: str) -> int | None:
+    """Frames per video when --frames is not given: FRAMES_PER_VIDEO (what `fdtrain predict` samples
+    too); None (all) for the sources in DEFAULT_FRAMES."""
+    return None if source in DEFAULT_FRAMES else FRAMES_PER_VIDEO
+
+
 def run_shards_make(args: argparse.Namespace) -> int:
     from fdtrain.data import ingest
     from fdtrain.data.sources import SourceOptions, load_source
 
-    if args.frames is None and args.source not in DEFAULT_FRAMES:
-        args.frames = 32
+    if args.frames is None:
+        args.frames = default_frames(args.source)
     if args.num_tasks < 1 or not 0 <= args.task_index < args.num_tasks:
         print(f"shards make: --task-index {args.task_index} not in [0, --num-tasks {args.num_tasks})", file=sys.stderr)
         return 2

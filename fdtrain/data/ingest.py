@@ -31,7 +31,14 @@ from pathlib import Path, PurePosixPath
 
 from fdtrain.data import shards as sh
 from fdtrain.data.sources import ArchiveJob, Job, OutputSplit, Plan, VideoJob
-from fdtrain.data.video import IMAGE_EXTS, frame_numbers, natural_key, read_video_frames, uniform_indices
+from fdtrain.data.video import (
+    FRAMES_PER_VIDEO,
+    IMAGE_EXTS,
+    frame_numbers,
+    natural_key,
+    read_video_frames,
+    uniform_indices,
+)
 
 # Test hook: the parent SIGKILLs itself after this many finished jobs (the resume test's "kill midway").
 KILL_AFTER_ENV = "FDTRAIN_INGEST_KILL_AFTER"
@@ -42,7 +49,7 @@ SAMPLE_OVERHEAD = 3 * 512 + 1024  # tar headers + padding + cls/json members, fo
 class CropOptions:
     """How frames become stored samples (everything that changes the bytes of a crop)."""
 
-    frames: int | None = 32  # frames per video, spread uniformly; None = all
+    frames: int | None = FRAMES_PER_VIDEO  # frames per video, spread uniformly; None = all
     margin: float = 1.3  # square box side = margin x the detected box's longer side
     size: int | None = None  # short side of stored crops; None = 320 for detected faces, native for crops
     fmt: str = "jpg"

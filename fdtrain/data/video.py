@@ -9,6 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+# Frames taken per video, spread uniformly, when shards are made (`fdtrain shards make`) and when a
+# video is scored (`fdtrain predict`): one number, so a video's score averages the same frames'
+# worth of evidence as the video-level metrics of its shards.
+FRAMES_PER_VIDEO = 32
+
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fdtrain.data.video import FRAMES_PER_VIDEO  # numpy only
+
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe (may name a `base:` recipe)")
@@ -121,7 +123,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="an .onnx file from `fdtrain export`, scored through ONNX Runtime "
                      "(torch is not needed: pip install '.[onnx]')")
     p.add_argument("--out", default="", help="write the JSON lines here instead of stdout")
-    p.add_argument("--frames", type=int, default=16, help="frames sampled uniformly per video")
+    p.add_argument("--frames", type=int, default=FRAMES_PER_VIDEO,
+                   help="frames sampled uniformly per video (default %(default)s, as `fdtrain shards make`)")
     p.add_argument("--detector", default="dlib", help="face detector for videos: dlib[:opts], boxes:FILE, none")
     p.add_argument("--crop-images", action="store_true", help="detect and crop faces in images too "
                    "(default: images are face crops already, as in the shards)")

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fdtrain.data.video import FRAMES_PER_VIDEO
 from fdtrain.serving.preprocess import to_batch
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PredictOptions:
-    frames: int = 16  # frames sampled per video
+    frames: int = FRAMES_PER_VIDEO  # frames sampled per video, as `fdtrain shards make` takes them
     detector: str = "dlib"  # fdtrain.data.faces.make_detector spec, for videos (and images with crop_images)
     crop_images: bool = False  # detect and crop faces in still images too
     margin: float = 1.3
