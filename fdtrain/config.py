@@ -44,6 +44,8 @@ class RunConfig:
     resume: str = f("", "'' (fresh), 'auto' (newest checkpoint of this run) or a checkpoint path")
     device: Literal["auto", "cpu", "cuda"] = f("auto", "auto: CUDA when present, else CPU")
     deterministic: bool = f(False, "ask torch for deterministic kernels (slower)")
+    nccl_timeout_s: int = f(1800, "timeout of the process group's collectives (NCCL or gloo), seconds: a rank "
+                                  "that waits longer (a hung peer) fails instead of blocking the job forever")
 
 
 @dataclass
@@ -512,6 +514,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"logging.every_steps: must be >= 1 (log every N steps), got {cfg.logging.every_steps}")
     if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.train.max_steps == 0):
         raise ConfigError(f"train.epochs: must be >= 1 (or set train.max_steps), got {cfg.train.epochs}")
+    if cfg.run.nccl_timeout_s <= 0:
+        raise ConfigError(f"run.nccl_timeout_s: must be > 0 seconds, got {cfg.run.nccl_timeout_s}")
     if cfg.optim.lr_scaling != "none" and not cfg.optim.reference_batch:
         raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling} scales relative to optim.reference_batch, "
                           "which is 0: set it (the global batch optim.lr was tuned at)")

@@ -227,6 +227,8 @@ def test_accelerate_config_loads(path):
     # `--cpu` / use_cpu makes accelerate launch start ONE process whatever num_processes says
     assert cfg.use_cpu is False
     assert cfg.mixed_precision in (None, "no"), "precision belongs to the recipe (train.mixed_precision)"
+    # a GPU id here makes accelerate set CUDA_VISIBLE_DEVICES over the one SLURM gave the job
+    assert cfg.gpu_ids == "all", f"{path.name}: gpu_ids {cfg.gpu_ids!r}"
     if cfg.distributed_type == DistributedType.DEEPSPEED:
         ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]
         assert ds_file == DS_JSON and ds_file.is_file()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import torch
 
@@ -39,15 +40,17 @@ def build_accelerator(cfg: Config):
         log.warning("train.mixed_precision=fp16 has no effect on a CPU; running fp32 (use bf16 or no)")
         precision = "no"
     kwargs = dict(mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    timeout = timedelta(seconds=cfg.run.nccl_timeout_s)
     if deepspeed_requested():
         if on_cpu:
             # cpu=True would silently ignore the DeepSpeed plugin; gloo is the CPU backend
-            acc = Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+            acc = Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo", timeout=timeout)],
+                              **kwargs)
         else:
-            acc = Accelerator(**kwargs)
+            acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)], **kwargs)
         configure_deepspeed(acc, cfg)
     else:
-        acc = Accelerator(cpu=on_cpu, **kwargs)
+        acc = Accelerator(cpu=on_cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)], **kwargs)
     if on_cpu and precision == "bf16":
         log.warning("bf16 autocast on a CPU is slow without AMX (about 10x slower than fp32 on AVX2); "
                     "--train.mixed_precision=no for CPU runs")

@@ -242,6 +242,8 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
 
         with self._all_ranks(tmp):  # all partitions on disk before consolidation and rename
+            # every rank makes the folder it writes to: on NFS another node may not see rank 0's mkdir yet
+            tmp.mkdir(parents=True, exist_ok=True)
             if self.is_deepspeed:  # every rank writes its ZeRO partition of the optimizer
                 model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
             torch.save(plain({"rng": rng_state(), "loader": loader_state}),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -633,9 +635,11 @@ def train(cfg: Config) -> int:
     """Run one training job to completion, preemption or failure; returns the process exit code."""
     import os
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"rank {rank}/{world} on {socket.gethostname()}"
+    tag = f"[{where}] " if world > 1 else ""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+                        format=f"%(asctime)s {tag}%(name)s %(levelname)s: %(message)s")
     from fdtrain import FdtrainError
     from fdtrain.data import DataError
 
@@ -651,6 +655,12 @@ def train(cfg: Config) -> int:
         # process group here, as a normal exit does, so that no rank aborts in gloo's teardown
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        raise
+    except BaseException as e:
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            # on a cluster the launcher interleaves every rank's traceback: say whose this one is
+            print(f"fdtrain train: {where} (local rank {os.environ.get('LOCAL_RANK', '0')}) failed: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     trainer.acc.end_training()
     return code
