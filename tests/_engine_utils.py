@@ -218,6 +218,7 @@ def in_process(cfg, keys: list | None = None) -> int:
         return trainer.fit()
     finally:
         trainer.close()
+        trainer.lock.release()  # as fdtrain.engine.trainer.train does: the next in-process run may reuse the folder
         trainer.acc.end_training()
         reset_accelerate()
 
