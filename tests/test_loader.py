@@ -54,8 +54,11 @@ def test_train_flip_rate_and_gated_noise_eval_clean(data, backend):
     flips = gated = n = 0
     for epoch in range(3):
         loader.set_epoch(epoch)
-        for b in loader:
+        for step, b in enumerate(loader):
             assert set(b) == {"x", "x_noisy", "label", "key"}
+            # both backends hand X to the one shared noise function, seeded per (seed, epoch, rank, step)
+            again = loader_mod.add_gated_noise(b["x"], 0.5, 0.1, loader.noise_generator(epoch, step))
+            assert torch.equal(again, b["x_noisy"])
             for k, x, xn in zip(b["key"], b["x"], b["x_noisy"]):
                 n += 1
                 ref = clean[k]
@@ -73,6 +76,31 @@ def test_train_flip_rate_and_gated_noise_eval_clean(data, backend):
     assert n == 3 * 64 // 8 * 8
     assert abs(flips / n - 0.5) < 0.12, flips / n
     assert abs(gated / n - 0.5) < 0.12, gated / n
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gated_noise_exact_and_deterministic(channels_last):
+    """X~ = clip(X + std * N) on the gated rows only, drawn in row order from the generator after the
+    gate; X itself untouched; the paper's std 1e-6 still moves pixels (it is not skipped)."""
+    x = torch.rand(8, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 0.5])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    for std in (1e-6, 0.5):
+        out = loader_mod.add_gated_noise(x, 0.5, std, torch.Generator().manual_seed(7))
+        assert torch.equal(out, loader_mod.add_gated_noise(x, 0.5, std, torch.Generator().manual_seed(7)))
+        assert torch.equal(x, before) and out.stride() == x.stride()
+        g = torch.Generator().manual_seed(7)
+        gate = torch.rand(8, generator=g) < 0.5
+        assert 0 < gate.sum() < 8  # this seed gates some rows and not others
+        noise = torch.randn((int(gate.sum()), 3, 24, 24), generator=g)
+        assert torch.equal(out[gate], (x[gate] + noise * std).clamp(-1, 1))
+        assert torch.equal(out[~gate], x[~gate])
+    tiny = loader_mod.add_gated_noise(x, 1.0, 1e-6, torch.Generator().manual_seed(1))
+    moved = (tiny - x).abs()
+    assert (moved > 0).float().mean() > 0.9 and moved.max() < 1e-5
+    assert loader_mod.add_gated_noise(x, 0.0, 0.5, torch.Generator()) is x  # nothing gated: no copy
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
