@@ -17,7 +17,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=0,
                    help="with --print-schedule: number of ranks (default: $WORLD_SIZE, else 1)")
     p.add_argument("--train-samples", type=int, default=0,
-                   help="with --print-schedule: training samples (default: data.train's manifest.json)")
+                   help="with --print-schedule: training samples per epoch (default: from data.train's "
+                        "manifest.json and data.balance)")
     p.epilog = "Any config field can be overridden: --section.key=value (e.g. --optim.lr=1e-4 --data.batch_size=16)."
 
 
@@ -59,18 +60,22 @@ def _print_schedule(cfg, args: argparse.Namespace) -> int:
     from fdtrain.engine.optim import plan
 
     processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
-    samples = args.train_samples
+    samples, note = args.train_samples, "--train-samples"
     if not samples:
         manifest = Path(cfg.data.train) / "manifest.json"
         try:
-            samples = int(json.loads(manifest.read_text())["num_samples"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            m = json.loads(manifest.read_text())
+            samples, note = int(m["num_samples"]), str(manifest)
+            if cfg.data.balance == "subsample_fakes":  # every real and as many fakes: what an epoch reads
+                real, fake = int(m["counts"]["label"].get("0", 0)), int(m["counts"]["label"].get("1", 0))
+                samples, note = real + min(real, fake), f"{manifest}, data.balance=subsample_fakes"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"--print-schedule: cannot read the training set size from data.train={cfg.data.train} "
-                              f"({manifest}: {type(e).__name__}); pass --train-samples N") from None
+                              f"({manifest}: {type(e).__name__}); pass --train-samples N (samples per epoch)") from None
     if processes < 1 or samples < 1:
         raise ConfigError("--print-schedule: --processes and --train-samples must be >= 1")
     schedule, spe = plan(cfg, samples, processes)
-    print(f"{samples} training samples")
+    print(f"{samples} training samples per epoch ({note})")
     print(schedule.describe(spe, batch=cfg.data.batch_size, processes=processes, grad_accum=cfg.train.grad_accum))
     return 0
 

@@ -134,7 +134,8 @@ class Schedule:
 
         def span(ref_steps: float) -> str:
             s = self.in_steps(ref_steps)
-            return f"{s:.0f} steps = {s / steps_per_epoch:.2f} epochs" if steps_per_epoch else f"{s:.0f} steps"
+            n = f"{s:.1f}".removesuffix(".0")  # a decay every 187.5 steps falls between steps: say so
+            return f"{n} steps = {s / steps_per_epoch:.2f} epochs" if steps_per_epoch else f"{n} steps"
 
         if c.reference_batch:
             ref = (f"reference batch {c.reference_batch} (schedule lengths below are the recipe's steps at that "
