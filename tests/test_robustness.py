@@ -217,6 +217,8 @@ def test_clean_row_equals_evaluate_and_reports_are_written(swept, tmp_path, caps
     evaluated = json.loads((tmp_path / "e.json").read_text())["results"]["test"]
     report = json.loads((out / "robustness.json").read_text())
     assert list(report) == ["clean", "BW", "GNC", "VC"]
+    fp = json.loads((out / "fingerprint.json").read_text())  # fdtrain.fingerprint, as evaluate writes it
+    assert fp == json.loads((tmp_path / "e.json").read_text())["fingerprint"] and fp["evaluated_data"]["test"]
     assert all(list(report[t]) == ["1", "5"] for t in ("BW", "GNC", "VC"))
     assert report["clean"].keys() == evaluated.keys() == {"frame", "video"}
     for level in ("frame", "video"):

@@ -185,16 +185,21 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
             if callable(getattr(loader, "close", None)):
                 loader.close()
         results[set_name] = res.metrics
-    fp = None
-    if rank == 0:
-        from fdtrain.fingerprint import fingerprint, manifest_info, sha256_file
-
-        fp = fingerprint(blob["config"], checkpoint_selection(model_file))
-        fp["checkpoint_sha256"] = sha256_file(model_file)
-        fp["evaluated_data"] = {n: manifest_info(f) for n, f in find_sets(data, name).items()}
+    fp = checkpoint_fingerprint(model_file, blob["config"], find_sets(data, name)) if rank == 0 else None
     return {"checkpoint": str(model_file), "step": blob.get("step"), "run": cfg.run.name,
             "input_size": cfg.model.input_size, "threshold": threshold, "results": results,
             "fingerprint": fp, "is_main_process": rank == 0}
+
+
+def checkpoint_fingerprint(model_file: Path, config: dict[str, Any], sets: dict[str, Path]) -> dict[str, Any]:
+    """fdtrain.fingerprint's record for an evaluation of ``model_file`` (trained with ``config``) on
+    ``sets``: plus the checkpoint's sha256 and the manifests of the sets evaluated."""
+    from fdtrain.fingerprint import fingerprint, manifest_info, sha256_file
+
+    fp = fingerprint(config, checkpoint_selection(model_file))
+    fp["checkpoint_sha256"] = sha256_file(model_file)
+    fp["evaluated_data"] = {n: manifest_info(f) for n, f in sets.items()}
+    return fp
 
 
 def checkpoint_selection(model_file: Path) -> dict[str, Any]:

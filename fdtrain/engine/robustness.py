@@ -426,6 +426,11 @@ def _run(args: argparse.Namespace, conds: list[tuple[str, int]]) -> int:
     title = f"{cfg.run.name} step {step} on {set_name}"
     header = f"checkpoint {model_file} (step {step}), data {data}, seed {seed}\n\n{protocol_header(conds)}"
     files = write_reports(report, out, title=title, header=header)
+    from fdtrain.engine.evaluate import checkpoint_fingerprint  # what made these numbers (fdtrain.fingerprint)
+
+    write_json(out / "fingerprint.json",
+               checkpoint_fingerprint(model_file, load_model_file(model_file)["config"], {set_name: data}))
+    files.append(out / "fingerprint.json")
     if args.save_scores:
         scores = {CLEAN: {"keys": list(res.clean.keys), "scores": res.clean.scores.tolist()}}
         for (t, lv), r in res.distorted.items():
