@@ -185,12 +185,15 @@ def test_seeds_sbatch_one_run_per_seed_then_report(slurm_env, shards, tmp_path):
                env={**slurm_env, "FDTRAIN_CPU": "1", "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                     "FDTRAIN_SEEDS_DIR": str(seeds_dir)})
     array_job = out.strip().split(";")[0]
-    for task in (1, 2):
-        task_log = tmp_path / f"seeds-{task}.out"
-        rec = _wait(slurm_env, f"{array_job}_{task}", task_log, timeout=600)
-        assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), task_log.read_text()[-4000:]
-        config = yaml.safe_load((seeds_dir / f"seed-{task}" / "seedrun" / "config.yaml").read_text())
-        assert config["run"]["seed"] == task and config["run"]["out_dir"] == str(seeds_dir / f"seed-{task}")
+    try:
+        for task in (1, 2):
+            task_log = tmp_path / f"seeds-{task}.out"
+            rec = _wait(slurm_env, f"{array_job}_{task}", task_log, timeout=600)
+            assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), task_log.read_text()[-4000:]
+            config = yaml.safe_load((seeds_dir / f"seed-{task}" / "seedrun" / "config.yaml").read_text())
+            assert config["run"]["seed"] == task and config["run"]["out_dir"] == str(seeds_dir / f"seed-{task}")
+    finally:  # a failed check must not leave the other task holding the test cluster
+        _run(["scancel", array_job], env=slurm_env, check=False)
     runs = [str(seeds_dir / f"seed-{t}" / "seedrun") for t in (1, 2)]
     md = _run([sys.executable, "-m", "fdtrain", "report", *runs], env=slurm_env)
     assert "## seedrun" in md and "2 run(s)" in md and re.search(r"\| in_domain \| frame \| 2 \|", md), md
