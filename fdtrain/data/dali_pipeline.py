@@ -102,17 +102,29 @@ class DaliLoader(Loader):
         return f"decoder={self.decoder}, {d.num_threads} threads, prefetch {d.prefetch}"
 
     # --- state: DALI's own checkpoint of the reader, so a resume need not decode the consumed part -----
+    def _pipeline_id(self) -> str:
+        """What a DALI checkpoint is only valid for: the same reader over the same samples and batches."""
+        d = self.cfg.data
+        return (f"batch {self.batch_size}, ranks {self.world_size}, seed {self.seed}, shuffle_buffer "
+                f"{d.shuffle_buffer}, shards {self.shards.num_shards}, skipped {len(self.skipped)}")
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         if self.train and self._live is not None and self.step_in_epoch > 0:
             sd["dali_checkpoint"] = self._live.checkpoints()[0]  # bytes: loads with weights_only=True
+            sd["dali_pipeline"] = self._pipeline_id()
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
         ck = sd.get("dali_checkpoint")
         if isinstance(ck, bytes) and self.step_in_epoch == int(sd["step_in_epoch"]) > 0:
-            self._resume_from = (self.epoch, self.step_in_epoch, ck)
+            if sd.get("dali_pipeline") == self._pipeline_id():
+                self._resume_from = (self.epoch, self.step_in_epoch, ck)
+            else:
+                log.info("data[%s]: the saved DALI reader checkpoint is for another pipeline (%s, now %s): "
+                         "replaying the epoch's consumed batches instead", self.shards.split,
+                         sd.get("dali_pipeline"), self._pipeline_id())
 
     # --- pipeline per epoch ------------------------------------------------------------------
     def _epoch_shards(self, epoch: int) -> ShardSet:
@@ -160,7 +172,15 @@ class DaliLoader(Loader):
         checkpoint = resume[2] if resume is not None and resume[:2] == (epoch, skip) and self.train else None
         while True:
             step = 0  # batches this epoch's reader has produced (handed out or fast-forwarded)
-            pipe = self._pipeline(epoch, checkpoint=checkpoint)
+            try:
+                pipe = self._pipeline(epoch, checkpoint=checkpoint)
+            except DataError:
+                if checkpoint is None:
+                    raise
+                log.warning("data[%s]: DALI could not restore its reader checkpoint (another DALI version?); "
+                            "replaying %d batch(es) instead", self.shards.split, skip)
+                checkpoint = None
+                pipe = self._pipeline(epoch)
             if checkpoint is not None:
                 log.info("data[%s]: DALI reader restored from its checkpoint at step %d (nothing replayed)",
                          self.shards.split, skip)

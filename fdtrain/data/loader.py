@@ -2,9 +2,11 @@
 
 ``build_loader(cfg, split, rank=, world_size=, device=, path=, dtype=) -> Loader``
 
-* ``split == "train"``: shuffled (seeded by ``cfg.run.seed + epoch``), flipped with
-  ``data.flip_p``, batches ``{"x", "x_noisy", "label", "key"}`` (plus ``"x_noisy2"``, a second
-  independent draw of X~, when ``model.forward=two_pass``); ``len(loader)`` steps per epoch,
+* ``split == "train"``: each epoch reads the shards in an order permuted by (seed, epoch), the
+  same on every rank (so the ranks' parts stay disjoint), through a shuffle buffer; shuffle, flips
+  (``data.flip_p``) and noise are seeded by (seed, epoch, rank); batches
+  ``{"x", "x_noisy", "label", "key"}`` (plus ``"x_noisy2"``, a second independent draw of X~, when
+  ``model.forward=two_pass``); ``len(loader)`` steps per epoch,
   ``num_samples // (world_size * batch_size)``, the same on every rank.
 * any other split (``"val"``, a name in ``data.test``, or any folder given as ``path``): read in
   order, no flip, no noise; every sample exactly once across ranks, padding removed, batches
