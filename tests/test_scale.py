@@ -124,3 +124,20 @@ def test_process_group_timeout_comes_from_run_nccl_timeout_s():
         assert acc.init_handler.timeout == timedelta(seconds=123)
     finally:
         U.reset_accelerate()
+
+
+@pytest.mark.multiproc
+def test_a_rank_local_data_error_names_its_rank_and_host(tmp_path):
+    """A corrupt image in one rank's part of the shards: that rank's message says which rank and host."""
+    import re
+
+    from tests._loader_utils import write_split
+
+    bad = write_split(tmp_path / "bad", 32, 4, size=64, corrupt={9: "garbage"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {name: bad}\n")
+    args = U.overrides(tmp_path, tmp_path / "runs", "bad", **{
+        "data.train": str(bad), "data.val": "", "data.test": {}, "train.max_steps": 4})
+    proc = U.run(U.accelerate_cmd("launch/accelerate/cpu2.yaml", "train", str(recipe), *args))
+    assert proc.returncode != 0
+    assert re.search(r"rank [01] on \S+: undecodable image in shard \S+, key \S+", proc.stderr), U.explain(proc)

@@ -25,6 +25,7 @@ import torch
 
 from fdtrain import EXIT_PREEMPTED
 from fdtrain.config import Config, ConfigError
+from fdtrain.data import DataError
 from fdtrain.engine import evaluate as ev
 from fdtrain.engine import resume_config
 from fdtrain.engine.accel import build_accelerator, is_deepspeed, reduce_max
@@ -280,6 +281,8 @@ class Trainer:
             except StopIteration:  # every rank must take the same steps, or DDP hangs: fail loudly
                 raise RuntimeError(f"train loader ended after {micro} batches but promised {len(self.loader)} "
                                    f"(backend {self.loader.backend}, epoch {self.epoch})") from None
+            except DataError as e:  # this rank's shards only (a damaged sample): the others wait in a collective
+                raise self._rank_local(e) from None
             self._win["data"] += time.perf_counter() - t0
             if self.on_batch is not None:
                 self.on_batch(self.step, batch)
@@ -390,6 +393,16 @@ class Trainer:
             self._say(f"epoch {self.epoch}: trained on {int(n)} images, {n - fake:.0f} real / {fake:.0f} fake "
                       f"({100 * fake / n:.1f}% fake, data.balance={self.cfg.data.balance})")
             self.tb.scalars({"data/fake_share": fake / n}, self.step)
+
+    def _rank_local(self, e: Exception) -> Exception:
+        """A failure only this rank saw, named with its rank and host; printed here by ranks other
+        than 0 too (the command line prints a job's errors from rank 0 only)."""
+        if self.acc.num_processes == 1:
+            return e
+        tagged = type(e)(f"rank {self.acc.process_index} on {socket.gethostname()}: {e}")
+        if not self.acc.is_main_process:
+            print(f"fdtrain train: {tagged}", file=sys.stderr, flush=True)
+        return tagged
 
     def _stop_tensor(self) -> torch.Tensor:
         stop = self.signals is not None and self.signals.stop_requested
