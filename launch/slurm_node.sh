@@ -15,13 +15,13 @@
 #   MASTER_ADDR MASTER_PORT  rendezvous, set by slurm/train.sbatch from the job's first node
 #   FDTRAIN_DRY_RUN=1        print the launcher command line and exit (checks a setup, used by tests)
 #
-# Exit status: the launcher's, except 75 (fdtrain.EXIT_PREEMPTED) when this node got SIGUSR1
-# and the launcher then failed: torchrun and accelerate report a worker's 75 as a plain failure,
-# so the preemption is recognised here and handed to the batch script, which requeues.
+# The launcher runs under `python -m fdtrain.launch` (fdtrain/launch.py), which owns the signals:
+# SIGUSR1/SIGTERM from SLURM (srun delivers them to every process of the step) reach every worker
+# once, the workers checkpoint and exit 75, and the exit status is the workers' own (75, 2, 3)
+# rather than the launcher's 1. The batch script requeues on 75.
 set -euo pipefail
 
 [[ $# -ge 1 ]] || { echo "usage: $0 SUBCOMMAND [ARGS...]" >&2; exit 2; }
-EXIT_PREEMPTED=75
 
 nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 node_rank=${SLURM_NODEID:-0}
@@ -73,13 +73,13 @@ config=${FDTRAIN_LAUNCH_CONFIG:-$default_config}
 case $launcher in
     accelerate)
         [[ -f $config ]] || { echo "slurm_node.sh: accelerate config not found: $config" >&2; exit 2; }
-        cmd=("$python" -m accelerate.commands.launch --config_file "$config"
+        cmd=("$python" -m fdtrain.launch accelerate --config_file "$config"
             --num_machines "$nnodes" --machine_rank "$node_rank" --num_processes $((nnodes * procs))
             --main_process_ip "$master_addr" --main_process_port "$master_port"
             -m fdtrain "$@")
         ;;
     torchrun)
-        cmd=("$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
+        cmd=("$python" -m fdtrain.launch torchrun --nnodes "$nnodes" --node_rank "$node_rank"
             --nproc_per_node "$procs" --master_addr "$master_addr" --master_port "$master_port"
             -m fdtrain "$@")
         ;;
@@ -96,19 +96,6 @@ if [[ ${FDTRAIN_DRY_RUN:-0} == 1 ]]; then
     exit 0
 fi
 
-# srun delivers a forwarded SIGUSR1 to every process of the step. The training processes
-# checkpoint on it; the launcher must survive it (Python's default action for SIGUSR1 is to
-# exit), so it starts with SIGUSR1 ignored, and fdtrain installs its own handler in the workers.
-preempted=0
-trap 'preempted=1' USR1
-(trap '' USR1; exec "${cmd[@]}") &
-child=$!
-# `wait` returns early when a trapped signal arrives: keep waiting until the launcher is gone.
-while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
-rc=0
-wait "$child" || rc=$?
-if [[ $preempted -eq 1 && $rc -ne 0 ]]; then
-    echo "slurm_node.sh: preempted (SIGUSR1), launcher exit $rc; reporting $EXIT_PREEMPTED" >&2
-    exit "$EXIT_PREEMPTED"
-fi
-exit "$rc"
+# exec: the launcher wrapper takes this shell's place, so the signals srun delivers reach it
+# directly and its exit status is the task's.
+exec "${cmd[@]}"

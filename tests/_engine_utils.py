@@ -112,9 +112,11 @@ def fdtrain_cmd(*args: str) -> list[str]:
     return [PY, "-m", "fdtrain", *args]
 
 
-def accelerate_cmd(config: str, *args: str, num_processes: int = 2) -> list[str]:
-    """``accelerate launch`` with one of launch/accelerate/*.yaml, 2 processes, a free port."""
-    return [PY, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
+def accelerate_cmd(config: str, *args: str, num_processes: int = 2, fdtrain_launch: bool = False) -> list[str]:
+    """``accelerate launch`` with one of launch/accelerate/*.yaml, 2 processes, a free port; through
+    ``python -m fdtrain.launch accelerate`` (what README and slurm_node.sh run) with fdtrain_launch."""
+    launcher = ["fdtrain.launch", "accelerate"] if fdtrain_launch else ["accelerate.commands.launch"]
+    return [PY, "-m", *launcher, "--config_file", str(REPO / config),
             "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(free_port()),
             "-m", "fdtrain", *args]
 

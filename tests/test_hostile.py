@@ -46,19 +46,6 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.slow
-def test_resume_from_a_crafted_checkpoint_runs_nothing(tmp_path, data):
-    done = _train(tmp_path, data, "good", **{"train.max_steps": 2})
-    assert done.returncode == 0, U.explain(done)
-    crafted = tmp_path / "crafted"
-    shutil.copytree(ck.newest_checkpoint(tmp_path / "runs" / "good" / "checkpoints"), crafted)
-    marker = tmp_path / "pwned"
-    torch.save({"step": 2, "epoch": 0, "scheduler": _RunsCode(marker)}, crafted / "train_state.pt")
-    proc = _train(tmp_path, data, "victim", "--resume", str(crafted), **{"train.max_steps": 4})
-    _one_message(proc, f"{crafted / 'train_state.pt'}: refused: unpickling it would import", "system")
-    assert not marker.exists()
-
-
 def _png_claiming(width: int, height: int) -> bytes:
     """A 100-byte PNG whose header claims width x height pixels: a decompression bomb's shape."""
     import struct
@@ -140,11 +127,18 @@ def test_full_disk_during_a_checkpoint_is_one_message(tmp_path, data, small_disk
 
 
 @pytest.mark.slow
-def test_missing_val_and_test_folders_fail_before_training(tmp_path, data):
-    proc = _train(tmp_path, data, "early", **{"data.val": str(tmp_path / "no_val"), "train.max_steps": 2,
-                                              "data.test": {"cdf": str(tmp_path / "no_cdf")}})
-    _one_message(proc, f"data.val={tmp_path / 'no_val'}: no such folder",
-                 f"data.test.cdf={tmp_path / 'no_cdf'}: no such folder")
+@pytest.mark.multiproc
+def test_missing_val_test_and_weights_fail_before_training_with_one_message(tmp_path, data):
+    """2 ranks under fdtrain.launch: every missing input named in one line from one rank, exit 2."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {name: early}\n")
+    args = U.overrides(data, tmp_path / "runs", "early", **{
+        "data.val": str(tmp_path / "no_val"), "data.test": {"cdf": str(tmp_path / "no_cdf")}, "train.max_steps": 2,
+        "model.pretrained": "true", "model.pretrained_path": str(tmp_path / "xception.pth")})
+    proc = U.run(U.accelerate_cmd("launch/accelerate/cpu2.yaml", "train", str(recipe), *args, fdtrain_launch=True))
+    _one_message(proc, "fdtrain train: cannot start: ", f"data.val={tmp_path / 'no_val'}: no such folder",
+                 f"data.test.cdf={tmp_path / 'no_cdf'}: no such folder",
+                 f"model.pretrained_path: no such file: {tmp_path / 'xception.pth'}")
     assert "step 1" not in proc.stdout and not (tmp_path / "runs" / "early" / "checkpoints").exists()
 
 
@@ -171,6 +165,13 @@ def test_a_failing_validation_keeps_the_checkpoint_that_was_due(tmp_path, data):
     assert "undecodable" in line or "decode" in line, line
     # epoch 1 ended (4 steps): its checkpoint was written before validation failed
     assert ck.newest_checkpoint(tmp_path / "runs" / "valfail" / "checkpoints").name == "step-00000004"
+    # continue with the bad sample skipped: it is counted, with its key and reason, in metrics.json
+    done = _train(tmp_path, broken, "valfail", "--resume", "auto", **{"data.backend": "torch",
+                  "data.on_corrupt": "skip", "data.test": {"broken": str(broken / "val")}})
+    assert done.returncode == 0, U.explain(done)
+    skipped = U.metrics(tmp_path / "runs" / "valfail")["skipped_samples"]
+    assert skipped["broken"]["count"] == 1 and key in skipped["broken"]["samples"], skipped
+    assert skipped["train"]["count"] == 0
 
 
 @pytest.mark.slow
@@ -189,7 +190,7 @@ def test_a_run_folder_has_one_live_owner(tmp_path, data):
     first = subprocess.Popen(U.fdtrain_cmd("train", str(recipe), *args), cwd=U.REPO, env=U.env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert U.wait_for(lambda: ck.newest_checkpoint(run_dir / "checkpoints") is not None, 300, first, poll=0.2)
+        assert U.wait_for(lambda: ck.newest_checkpoint(run_dir / "checkpoints") is not None, 600, first, poll=0.2)
         owner = json.loads((run_dir / "run.lock").read_text())
         second = U.run(U.fdtrain_cmd("train", str(recipe), *args, "--resume", "auto"))
         _one_message(second, f"{run_dir} is in use by a live run", f"pid {owner['pid']}", "another --run.name")
@@ -206,7 +207,7 @@ def test_a_run_folder_has_one_live_owner(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_resume_refuses_fixed_fields_and_records_the_rest(tmp_path, data):
+def test_resume_refuses_crafted_files_and_fixed_fields_and_records_the_rest(tmp_path, data):
     import json
 
     import yaml
@@ -214,6 +215,15 @@ def test_resume_refuses_fixed_fields_and_records_the_rest(tmp_path, data):
     done = _train(tmp_path, data, "rc", **{"train.max_steps": 2})
     assert done.returncode == 0, U.explain(done)
     run_dir = tmp_path / "runs" / "rc"
+
+    # a checkpoint whose unpickling would run a shell command: refused, nothing runs
+    crafted = tmp_path / "crafted"
+    shutil.copytree(ck.newest_checkpoint(run_dir / "checkpoints"), crafted)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "epoch": 0, "scheduler": _RunsCode(marker)}, crafted / "train_state.pt")
+    proc = _train(tmp_path, data, "victim", "--resume", str(crafted), **{"train.max_steps": 4})
+    _one_message(proc, f"{crafted / 'train_state.pt'}: refused: unpickling it would import", "system")
+    assert not marker.exists()
     refused = _train(tmp_path, data, "rc", "--resume", "auto", **{"train.max_steps": 4, "model.input_size": 96,
                                                                  "model.variant": "xception", "run.seed": 7})
     _one_message(refused, "cannot change on resume", "model.input_size: 64 (checkpoint) -> 96 (now)",

@@ -151,12 +151,15 @@ def test_wdf_archives(tmp_path):
     root = tmp_path / "wdf"
     layout = make_wdf_tree(root)
     (root / "real_train" / "broken.tar.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip" * 10)
+    # an interrupted download of archive 3: sequence 3/fake/0 is whole, 3/fake/7 is cut
+    whole = (root / "fake_train" / "3.tar.gz").read_bytes()
+    (root / "fake_train" / "8.tar.gz").write_bytes(whole[: len(whole) * 3 // 4])
     out = tmp_path / "out"
     assert shards_make("--source", "wdf", "--root", str(root), "--out", str(out), "--frames", "2",
                        "--min-shards", "1", "--val-percent", "0") == 0
     train, test = read_split(out / "train"), read_split(out / "test")
     assert _videos(train) == {"wdf/real_train/1/1/real/0", "wdf/real_train/1/1/real/1", "wdf/real_train/2/2/real/0",
-                              "wdf/fake_train/3/3/fake/0", "wdf/fake_train/3/3/fake/7"}
+                              "wdf/fake_train/3/3/fake/0", "wdf/fake_train/3/3/fake/7", "wdf/fake_train/8/3/fake/0"}
     # two archives holding the same folder name: their keys differ by the archive name
     assert _videos(test) == {"wdf/real_test/4/4/real/0", "wdf/fake_test/5/5/fake/0", "wdf/fake_test/6/5/fake/0"}
     assert {k for k in test if k.startswith("wdf/fake_test/5/")} == {"wdf/fake_test/5/5/fake/0/0000",
@@ -164,10 +167,12 @@ def test_wdf_archives(tmp_path):
     for s in list(train.values()) + list(test.values()):
         assert s["cls"] == (0 if "/real_" in s["json"]["video"] else 1) == s["json"]["label"]
         assert s["ext"] == "jpg" and s["json"]["source"].startswith(s["json"]["video"].split("/")[1])
-    assert len(train) == 5 * 2  # every sequence has >= 2 frames
-    skipped = _manifest(out / "train")["skipped"]
-    assert [s["input"] for s in skipped] == ["real_train/broken.tar.gz"]
-    assert skipped[0]["reason"].startswith("unreadable archive")
+    assert len(train) == 6 * 2  # every sequence has >= 2 frames
+    skipped = sorted(_manifest(out / "train")["skipped"], key=lambda s: s["input"])
+    assert [(s["input"], s["video"]) for s in skipped] == [("fake_train/8.tar.gz", "wdf/fake_train/8/3/fake/7"),
+                                                          ("real_train/broken.tar.gz", "wdf/real_train/broken")]
+    assert all(s["reason"].startswith("unreadable archive") for s in skipped)
+    assert "the archive's other sequences are kept" in skipped[0]["reason"]
     assert sum(layout[str(root / "fake_test/5.tar.gz")].values()) == 5
 
 

@@ -73,7 +73,7 @@ def test_node_launcher_multinode_arithmetic():
     cmd = _node_cmd({"SLURM_JOB_NUM_NODES": "4", "SLURM_NODEID": "2", "SLURM_GPUS_ON_NODE": "8",
                      "MASTER_ADDR": "gpu-a17", "MASTER_PORT": "23456"},
                     "train", "recipes/scale/multinode.yaml", "--resume", "auto", "--train.epochs=1")
-    assert cmd[:3] == ["python3", "-m", "accelerate.commands.launch"]
+    assert cmd[:4] == ["python3", "-m", "fdtrain.launch", "accelerate"]
     assert _opt(cmd, "--config_file") == "launch/accelerate/multinode.yaml"
     assert (_opt(cmd, "--num_machines"), _opt(cmd, "--machine_rank"), _opt(cmd, "--num_processes")) == ("4", "2", "32")
     assert (_opt(cmd, "--main_process_ip"), _opt(cmd, "--main_process_port")) == ("gpu-a17", "23456")
@@ -96,7 +96,7 @@ def test_node_launcher_picks_the_config(env, config, procs):
 def test_node_launcher_torchrun():
     cmd = _node_cmd({"FDTRAIN_LAUNCHER": "torchrun", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
                      "SLURM_GPUS_ON_NODE": "4", "MASTER_ADDR": "n0", "MASTER_PORT": "29400"}, "train", "r.yaml")
-    assert cmd[:3] == ["python3", "-m", "torch.distributed.run"]
+    assert cmd[:4] == ["python3", "-m", "fdtrain.launch", "torchrun"]
     assert (_opt(cmd, "--nnodes"), _opt(cmd, "--node_rank"), _opt(cmd, "--nproc_per_node")) == ("2", "1", "4")
     assert (_opt(cmd, "--master_addr"), _opt(cmd, "--master_port")) == ("n0", "29400")
 

@@ -74,12 +74,30 @@ def test_missing_index_is_built_with_a_warning_or_refused(tmp_path):
     assert sorted(_keys(build_loader(cfg, "val"))) == sorted(sample_keys(6))
 
 
-def test_stale_index_is_refused(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stale_index_is_refused(tmp_path, backend):
     folder = write_split(tmp_path / "val", 6, 2, split="val", size=64)
     write_split(tmp_path / "other", 4, 2, split="val", size=64)
     (folder / "shard-000001.idx").write_text((tmp_path / "other" / "shard-000001.idx").read_text())
     with pytest.raises(DataError, match=r"shard-000001.tar: its index lists 2 samples but manifest.json says 3"):
-        build_loader(small_cfg(val=folder, backend="dali"), "val")
+        build_loader(small_cfg(val=folder, backend=backend), "val")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_or_stale_shard_is_named_at_start(tmp_path, backend):
+    """The shard's size against the one `fdtrain shards make` recorded, before any sample is read."""
+    from tests._engine_utils import write_easy_split
+
+    folder = write_easy_split(tmp_path / "val", 4, 2, split="val", seed=0)
+    tar = folder / "shard-000001.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(DataError, match=rf"{tar}: truncated shard: {len(data) // 2} bytes on disk but manifest.json "
+                                        rf"recorded {len(data)} \(an incomplete copy or write\?\)"):
+        build_loader(small_cfg(val=folder, backend=backend), "val")
+    tar.write_bytes(data + bytes(512))
+    with pytest.raises(DataError, match=rf"{tar}: stale shard: {len(data) + 512} bytes on disk"):
+        build_loader(small_cfg(val=folder, backend=backend), "val")
 
 
 def test_index_that_does_not_match_its_tar_is_caught_by_the_fallback(tmp_path):

@@ -132,7 +132,7 @@ def test_train_sbatch_runs_two_cpu_ranks(slurm_env, shards, tmp_path, launcher):
     rec = _wait(slurm_env, job, log, timeout=600)
     text = log.read_text()
     assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
-    launched = {"accelerate": "-m accelerate.commands.launch", "torchrun": "-m torch.distributed.run"}[launcher]
+    launched = {"accelerate": "-m fdtrain.launch accelerate", "torchrun": "-m fdtrain.launch torchrun"}[launcher]
     assert launched in text and "2 process(es)" in text and "on 2 x cpu" in text, "expected 2 CPU ranks"
     run = tmp_path / "runs" / "slurm_plain"
     assert (run / "config.yaml").is_file() and any((run / "checkpoints").iterdir())
@@ -150,19 +150,23 @@ def test_train_sbatch_runs_two_cpu_ranks(slurm_env, shards, tmp_path, launcher):
     assert '"auc"' in json.dumps(result) and '"video"' in json.dumps(result)
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, tmp_path):
+@pytest.mark.parametrize("how", ["USR1 to the batch shell", "TERM to the step"])
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, tmp_path, how):
+    """What --signal=B:USR1@120 delivers (SIGUSR1 to the batch shell only), and what a pre-emption
+    delivers through srun (SIGTERM to every process of the step: launcher and workers at once)."""
     log = tmp_path / "job.out"
     steps = 12
     args = ["recipes/demo.yaml", *_tiny_overrides(shards, tmp_path / "runs", "slurm_requeue", max_steps=steps)]
     job = _submit(slurm_env, log, args)
-    # Wait for the first optimizer step, then deliver what --signal=B:USR1@120 delivers: SIGUSR1 to
-    # the batch shell only.
     _wait(slurm_env, job, log, timeout=600, until=lambda t: re.search(r"^step \d+/", t, re.M) is not None)
-    _run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env)
+    if how.startswith("USR1"):
+        _run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env)
+    else:
+        _run(["scancel", "--signal=TERM", job], env=slurm_env)
     rec = _wait(slurm_env, job, log, timeout=900)
     text = log.read_text()
     assert (rec["JobState"], rec["ExitCode"], rec["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-5000:]
-    assert "SIGUSR1 (time limit near)" in text
+    assert "SIGUSR1 (time limit near)" in text if how.startswith("USR1") else "received SIGTERM" in text
     assert re.search(r"preempted: checkpoint at step \d+ written", text)
     assert "requeueing job" in text and f"job {job} restart 1" in text
     m = re.search(r"resumed from \S+ at step (\d+)", text)

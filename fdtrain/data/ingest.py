@@ -203,21 +203,42 @@ def _rel_or_abs(p: Path, base: Path) -> str:
         return p.as_posix()
 
 
+def _seq_key(job: ArchiveJob, seq: str) -> str:
+    parts = [sh.clean_component(c) for c in PurePosixPath(seq).parts if c not in ("", ".")]
+    return "/".join([job.key_prefix, *parts]) if parts else job.key_prefix
+
+
 def _process_archive_job(job: ArchiveJob, opts: CropOptions, w: _RecordWriter) -> None:
-    """Each folder of images inside the archive is one video (face crops: no detection)."""
+    """Each folder of images inside the archive is one video (face crops: no detection).
+
+    A damaged archive (truncated download, corrupt member) costs the sequences it damages, not the
+    archive: what was read before the damage is kept, and each lost sequence is recorded as skipped.
+    """
+    members: list[str] = []
+    broken = None  # (member being read, error) where the listing stopped
     try:
         with tarfile.open(job.path, mode="r:*") as tar:
-            members = [m.name for m in tar.getmembers() if m.isfile()]
+            for m in tar:
+                if m.isfile():
+                    members.append(m.name)
     except Exception as e:  # tarfile/gzip/zlib/EOF errors
-        w.skipped.append(_skip(job, job.key_prefix, f"unreadable archive: {type(e).__name__}: {e}"))
-        return
+        if not members:
+            w.skipped.append(_skip(job, job.key_prefix, f"unreadable archive: {type(e).__name__}: {e}"))
+            return
+        broken = (members[-1], f"{type(e).__name__}: {e}")
     seqs: dict[str, list[str]] = defaultdict(list)
     for name in members:
         p = PurePosixPath(name)
         if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
             seqs[str(p.parent)].append(name)
+    if broken is not None:  # the sequence being listed when the archive broke may be incomplete
+        cut = str(PurePosixPath(broken[0]).parent)
+        if seqs.pop(cut, None) is not None:
+            w.skipped.append(_skip(job, _seq_key(job, cut), f"unreadable archive member after {broken[0]}: "
+                                                            f"{broken[1]} (the archive's other sequences are kept)"))
     if not seqs:
-        w.skipped.append(_skip(job, job.key_prefix, "archive holds no images"))
+        if broken is None:
+            w.skipped.append(_skip(job, job.key_prefix, "archive holds no images"))
         return
     chosen: dict[str, tuple[str, int]] = {}  # member -> (sequence, frame index)
     plan = {}
@@ -228,18 +249,25 @@ def _process_archive_job(job: ArchiveJob, opts: CropOptions, w: _RecordWriter) -
         for i in uniform_indices(len(names), opts.frames):
             chosen[names[i]] = (seq, nums[i])
     data: dict[str, bytes] = {}
+    failure = None
+    current = ""
     try:
         with tarfile.open(job.path, mode="r:*") as tar:  # a second pass reads only the chosen frames
             for m in tar:
+                current = m.name
                 if m.name in chosen:
                     f = tar.extractfile(m)
                     data[m.name] = f.read() if f is not None else b""
+                if len(data) == len(chosen):
+                    break
     except Exception as e:
-        w.skipped.append(_skip(job, job.key_prefix, f"unreadable archive: {type(e).__name__}: {e}"))
-        return
+        failure = (f"unreadable archive member {current}: {type(e).__name__}: {e} "
+                   "(the archive's other sequences are kept)")
     for seq, (names, _nums) in plan.items():
-        parts = [sh.clean_component(c) for c in PurePosixPath(seq).parts if c not in ("", ".")]
-        key = "/".join([job.key_prefix, *parts]) if parts else job.key_prefix
+        key = _seq_key(job, seq)
+        if failure is not None and any(n in chosen and n not in data for n in names):
+            w.skipped.append(_skip(job, key, failure))
+            continue
         entry = _video_entry(job, key, f"{job.source}:{seq}", len(names), opts.frames)
         items = [(chosen[n][1], data[n], f"{job.source}:{n}") for n in names if n in chosen and n in data]
         _encode_frames(job, opts, key, iter(items), w, entry, crops=True)

@@ -125,6 +125,16 @@ def open_shards(location: str, split: str, *, field: str = "path", need_index: b
         if missing:
             raise DataError(f"{where}: shard(s) listed in manifest.json are missing: {', '.join(missing[:3])}"
                             + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        # A shard of another size than the manifest recorded is named as such here, for either
+        # backend, instead of surfacing mid-epoch as an undecodable image or a malformed index.
+        for t, e in zip(tars, entries):
+            want, have = e.get("bytes"), t.stat().st_size
+            if isinstance(want, int) and have != want:
+                kind = "truncated" if have < want else "stale"
+                raise DataError(f"{t}: {kind} shard: {have} bytes on disk but manifest.json recorded {want} "
+                                + ("(an incomplete copy or write?)" if have < want else
+                                   "(rewritten after the manifest was made?)")
+                                + "; copy it again or re-run `fdtrain shards make`")
     else:
         tars = [Path(p) for p in _expand_pattern(location)]
         if not tars:
@@ -136,6 +146,8 @@ def open_shards(location: str, split: str, *, field: str = "path", need_index: b
         raise DataError(f"{where}: the '{split}' split is empty (0 samples)")
     beside = [t.with_name(n) for t, n in zip(tars, index_names)]
     indexes = [ensure_index(t, i, missing_index) for t, i in zip(tars, beside)] if need_index else beside
+    if not need_index and counts and all(i.is_file() for i in beside):
+        need_index = True  # the torch backend does not read them, but a stale one names a stale shard
     if need_index:
         found = [index_count(i) for i in indexes]
         if counts:

@@ -78,6 +78,15 @@ def decode_raw(sample: dict[str, Any]) -> tuple[torch.Tensor, float]:
     return img, label
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """A pre-emption signal reaches every process of a job (SLURM, a process-group kill): it is the
+    trainer's to handle at a step boundary; a DataLoader worker that died of it would fail the run."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class CorruptImage(DataError):
     """An image that does not decode; skipped and counted with data.on_corrupt=skip."""
 
@@ -302,7 +311,8 @@ class TorchLoader(Loader):
         # RNG when the iterator starts, which shifted every later dropout draw of a resumed run.
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, 0xD1))
         dl = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.pin,
-                        prefetch_factor=d.prefetch if workers else None, generator=g)
+                        prefetch_factor=d.prefetch if workers else None, generator=g,
+                        worker_init_fn=_ignore_stop_signals if workers else None)
         it = iter(dl)
         try:
             while True:

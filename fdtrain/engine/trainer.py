@@ -122,6 +122,7 @@ class Trainer:
     def _check_inputs(self) -> None:
         """Fail now, not after an epoch (val) or after all of training (test sets): every split
         of the recipe must be a readable shard folder, and the selection set must exist."""
+        from fdtrain import FdtrainError
         from fdtrain.data import DataError
         from fdtrain.data.loader import open_shards, split_path
 
@@ -134,8 +135,16 @@ class Trainer:
                 open_shards(location, split, field=field, need_index=False)
             except DataError as e:
                 problems.append(str(e))
+        if cfg.model.pretrained:  # the weights file too, in the same message
+            from fdtrain.models.backbone import check_pretrained_weights, find_pretrained_weights
+
+            try:
+                check_pretrained_weights(cfg.model.backbone,
+                                         find_pretrained_weights(cfg.model.backbone, cfg.model.pretrained_path))
+            except ConfigError as e:
+                problems.append(str(e))
         if problems:
-            raise DataError("; ".join(problems))
+            raise FdtrainError("cannot start: " + "; ".join(problems))
 
     # ---- sizes ---------------------------------------------------------------------------
     def _optimizer_steps_per_epoch(self) -> int:
@@ -543,6 +552,7 @@ class Trainer:
         for name in cfg.data.test:
             result = self.evaluate_set(name, name)
             report["test"][name] = result.metrics
+        report["skipped_samples"] = self._skipped_samples()
         if self.acc.is_main_process:
             from fdtrain.fingerprint import fingerprint
 
@@ -558,6 +568,23 @@ class Trainer:
             sweep_after_training(self.model, cfg, self.acc, self.tb, self.run_dir, self.step, self.input_dtype)
         self.acc.wait_for_everyone()
         return EXIT_OK
+
+    def _skipped_samples(self) -> dict[str, Any]:
+        """Samples skipped as undecodable (data.on_corrupt=skip) per split, over every rank: a count
+        and up to 100 keys with the shard and reason."""
+        loaders = {"train": self.loader, **self._eval_loaders}
+        mine = {split: dict(getattr(loader, "skipped", {})) for split, loader in loaders.items()}
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([mine])
+        else:
+            parts = [mine]
+        merged: dict[str, dict[str, str]] = {}
+        for part in parts:
+            for split, skipped in part.items():
+                merged.setdefault(split, {}).update(skipped)
+        return {split: {"count": len(d), "samples": dict(sorted(d.items())[:100])} for split, d in merged.items()}
 
     def _sync_buffers(self) -> None:
         """Rank 0's BatchNorm running statistics to every rank, before evaluating or saving.
@@ -655,7 +682,10 @@ def train(cfg: Config) -> int:
                         format=f"%(asctime)s {tag}%(name)s %(levelname)s: %(message)s")
     from fdtrain import FdtrainError
     from fdtrain.data import DataError
+    from fdtrain.engine.signals import die_with_parent, launched_worker
 
+    if launched_worker():
+        die_with_parent()  # a launcher killed outright must not leave this worker training on
     try:
         trainer = Trainer(cfg)
         try:
