@@ -184,10 +184,11 @@ def test_seeds_sbatch_one_run_per_seed_then_report(slurm_env, shards, tmp_path):
     over = [o for o in _tiny_overrides(shards, tmp_path / "unused", "seedrun", max_steps=2)
             if not o.startswith("--run.out_dir=")]
     log = tmp_path / "seeds-%a.out"
-    out = _run(["sbatch", "--parsable", "--array=1-2", "--gpus-per-node=0", "--cpus-per-task=2", "--time=20",
+    # one CPU process per seed, so the two tasks run side by side on the test node's 2 CPUs
+    out = _run(["sbatch", "--parsable", "--array=1-2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
                 "--job-name=fdtrain-test", f"--output={log}", "slurm/seeds.sbatch", "recipes/demo.yaml", *over],
-               env={**slurm_env, "FDTRAIN_CPU": "1", "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-                    "FDTRAIN_SEEDS_DIR": str(seeds_dir)})
+               env={**slurm_env, "FDTRAIN_CPU": "1", "FDTRAIN_PROCS_PER_NODE": "1", "FDTRAIN_PYTHON": sys.executable,
+                    "OMP_NUM_THREADS": "1", "FDTRAIN_SEEDS_DIR": str(seeds_dir)})
     array_job = out.strip().split(";")[0]
     try:
         for task in (1, 2):
