@@ -80,8 +80,8 @@ def test_train_flip_rate_and_gated_noise_eval_clean(data, backend):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gated_noise_exact_and_deterministic(channels_last):
-    """X~ = clip(X + std * N) on the gated rows only, drawn in row order from the generator after the
-    gate; X itself untouched; the paper's std 1e-6 still moves pixels (it is not skipped)."""
+    """X~ = clip(X + std * N) on the gated rows only, each row's N drawn in turn from the generator after
+    the gate; X itself untouched; the paper's std 1e-6 still moves pixels (it is not skipped)."""
     x = torch.rand(8, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 0.5])
     if channels_last:
@@ -94,7 +94,7 @@ def test_gated_noise_exact_and_deterministic(channels_last):
         g = torch.Generator().manual_seed(7)
         gate = torch.rand(8, generator=g) < 0.5
         assert 0 < gate.sum() < 8  # this seed gates some rows and not others
-        noise = torch.randn((int(gate.sum()), 3, 24, 24), generator=g)
+        noise = torch.stack([torch.randn((3, 24, 24), generator=g) for _ in range(int(gate.sum()))])  # row by row
         assert torch.equal(out[gate], (x[gate] + noise * std).clamp(-1, 1))
         assert torch.equal(out[~gate], x[~gate])
     tiny = loader_mod.add_gated_noise(x, 1.0, 1e-6, torch.Generator().manual_seed(1))

@@ -250,8 +250,15 @@ def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 (v / 255 - 0.5) / 0.5 = v / 127.5 - 1.
 
     A plain conversion then in-place float ops: mixed uint8/float kernels are ~2x slower on the CPU.
+    On the CPU in NumPy, single-threaded, for the reason given in ``add_gated_noise``.
     """
-    return x.float().mul_(1.0 / 127.5).sub_(1.0)
+    if x.device.type != "cpu":
+        return x.float().mul_(1.0 / 127.5).sub_(1.0)
+    out = torch.empty_like(x, dtype=torch.float32)
+    o = out.numpy()
+    np.multiply(x.numpy(), np.float32(1.0 / 127.5), out=o, dtype=np.float32)
+    np.subtract(o, np.float32(1.0), out=o)
+    return out
 
 
 def add_gated_noise(x: torch.Tensor, p: float, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -265,23 +272,35 @@ def add_gated_noise(x: torch.Tensor, p: float, std: float, generator: torch.Gene
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         noisy = (x.float() + std * noise).clamp_(-1.0, 1.0).to(x.dtype)
         return torch.where(gate.view(-1, 1, 1, 1), noisy, x)
-    rows = gate.nonzero().squeeze(1)  # (k,) on the CPU: draw only for the gated samples
-    if rows.numel() == 0 or std == 0:
+    gated = gate.tolist()  # on the CPU: draw only for the gated samples, straight into the output
+    if not any(gated) or std == 0:
         return x  # X~ = X: no copy (batches are never modified in place downstream)
-    noise = torch.randn((rows.numel(), *x.shape[1:]), generator=generator, dtype=torch.float32)  # one draw, k rows
-    if x.dtype not in (torch.float32, torch.float16):
+    if x.dtype not in (torch.float32, torch.float16):  # NumPy has no bfloat16
+        noise = torch.randn((sum(gated), *x.shape[1:]), generator=generator, dtype=torch.float32)
+        rows = gate.nonzero().squeeze(1)
         noisy = torch.add(x.index_select(0, rows), noise, alpha=std, out=noise).clamp_(-1.0, 1.0)
         return x.clone().index_copy_(0, rows, noisy.to(x.dtype))
-    # NumPy, single-threaded, for the arithmetic: torch's intra-op parallel regions compete with the
-    # loader's own threads/workers for the cores, and on a busy 2-core machine these few ops took
-    # 75-150 ms per 32-image batch at 299 px with 2 intra-op threads, 24 ms with one.
-    src, idx, n = x.numpy(), rows.numpy(), noise.numpy()
-    n *= np.float32(std)
-    n += src[idx]
-    np.clip(n, -1.0, 1.0, out=n)
-    out = src.copy(order="K")  # keeps x's strides (NCHW or channels_last)
-    out[idx] = n
-    return torch.from_numpy(out)
+    # Per row, in NumPy (single-threaded) and in place in the output: torch's elementwise ops open
+    # intra-op parallel regions that compete with the loader's own threads/workers for the cores
+    # (on a busy 2-core machine 75-210 ms per 32-image batch at 299 px with 2 intra-op threads,
+    # 24 ms with one); torch.randn itself is serial.
+    out = torch.empty_like(x)
+    src, dst = x.numpy(), out.numpy()
+    direct = x.dtype == torch.float32 and out[0].is_contiguous()  # else a scratch row (fp16, channels_last)
+    noise = None if direct else torch.empty(x.shape[1:], dtype=torch.float32)
+    for i, g in enumerate(gated):
+        if not g:
+            np.copyto(dst[i], src[i])
+            continue
+        n = out[i] if noise is None else noise
+        torch.randn(n.shape, generator=generator, out=n)
+        a = n.numpy()
+        a *= np.float32(std)
+        a += src[i]
+        np.clip(a, -1.0, 1.0, out=a)
+        if noise is not None:
+            np.copyto(dst[i], a)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
