@@ -142,6 +142,8 @@ class OptimConfig:
     decay_rate: float = f(0.9, "hold_step: multiplicative decay")
     min_lr_ratio: float = f(0.0, "cosine: final lr as a fraction of the peak")
     grad_clip: float = f(0.0, "max gradient norm; 0 disables clipping (norm is still logged)")
+    fused: bool = f(True, "fused Adam kernel (CUDA and CPU): non-finite steps skipped on the device; "
+                          "false: foreach Adam, one host read per step for the skip")
 
 
 @dataclass
@@ -154,7 +156,10 @@ class TrainConfig:
     grad_accum: int = f(1, "gradient accumulation micro-steps per optimizer step")
     mixed_precision: Literal["no", "fp16", "bf16"] = f("bf16", "autocast dtype (fp16 uses a grad scaler)")
     max_nonfinite: int = f(20, "non-finite losses tolerated (steps skipped) before the run stops")
-    compile: bool = f(False, "torch.compile the model")
+    compile: bool = f(False, "torch.compile the training model (first steps slow while it compiles)")
+    sync_every: int = f(50, "optimizer steps between host reads that agree on a stop signal across ranks "
+                            "(also done at every logging, evaluation and checkpoint step)")
+    cudnn_benchmark: bool = f(True, "CUDA: let cuDNN pick the fastest convolution algorithms (fixed input size)")
 
 
 @dataclass
@@ -483,6 +488,7 @@ def validate(cfg: Config) -> None:
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "train.grad_accum": cfg.train.grad_accum,
         "optim.decay_every": cfg.optim.decay_every,
+        "train.sync_every": cfg.train.sync_every,
     }
     for k, v in positive.items():
         if v <= 0:

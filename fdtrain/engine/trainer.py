@@ -28,7 +28,7 @@ from fdtrain.config import Config, ConfigError
 from fdtrain.data import DataError
 from fdtrain.engine import evaluate as ev
 from fdtrain.engine import resume_config
-from fdtrain.engine.accel import build_accelerator, is_deepspeed, reduce_max
+from fdtrain.engine.accel import build_accelerator, is_deepspeed
 from fdtrain.engine.checkpoint import (
     Checkpointer,
     best_checkpoint,
@@ -80,7 +80,16 @@ class Trainer:
         self.steps_per_epoch = self._optimizer_steps_per_epoch()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * acc.num_processes * cfg.train.grad_accum
+        if acc.device.type == "cuda":
+            # fixed input size: cuDNN's autotuner picks each convolution's fastest algorithm once
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         optimizer = build_optimizer(model, cfg.optim)
+        # the torch optimizer itself (Accelerate and DeepSpeed wrap it): takes the found_inf flag
+        self._opt = optimizer
+        self._fused = bool(optimizer.defaults.get("fused"))
+        if self.deepspeed and not self._fused:
+            raise ConfigError("optim.fused=false under DeepSpeed: a non-finite step is skipped through the fused "
+                              "Adam kernel's found_inf flag there; set optim.fused=true")
         self.schedule = Schedule(cfg.optim, self.global_batch, self.total_steps)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, schedule=self.schedule)
         if self.deepspeed and not all(p.is_contiguous() for p in model.parameters()):
@@ -109,15 +118,20 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self._micro_start = 0  # micro-batches of the current epoch already consumed (resume)
         self.on_batch: Callable[[int, dict], None] | None = None  # test hook: (step about to run, batch)
-        self._new_window()
+        # Device-side state between host reads (see _host_read): the window's loss sums, the
+        # accumulation window's "non-finite" flag, and the counts of skipped steps since the last read.
         self._win_bad = torch.zeros((), dtype=torch.bool, device=acc.device)
-        self._stop_flag = False
+        self._skips = torch.zeros(2, device=acc.device)  # [non-finite steps, AMP overflow skips] since the last read
+        self._stop_dev = torch.zeros(1, device=acc.device)
+        self.amp_skipped = 0  # steps the grad scaler skipped for overflowing (finite-loss) gradients
+        self._new_window()
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
         # BatchNorm running stats change in the forward pass, before the loss can be checked: a
         # snapshot per accumulation window lets a skipped (non-finite) step leave no trace.
-        self._buffers = [b for b in acc.unwrap_model(self.model).buffers()]
-        self._buffer_snapshot = [b.detach().clone() for b in self._buffers]
+        self._bn = _BufferGuard(list(acc.unwrap_model(self.model).buffers()))
         self._micro_in_window = 0
         self._epoch_labels = torch.zeros(2, device=acc.device)  # (images, fakes) this rank trained on this epoch
+        self._panel: tuple | None = None  # (x, recon_real, recon_fake, y) due for TensorBoard at the boundary
 
     def _check_inputs(self) -> None:
         """Fail now, not after an epoch (val) or after all of training (test sets): every split
@@ -295,13 +309,13 @@ class Trainer:
             self._win["data"] += time.perf_counter() - t0
             if self.on_batch is not None:
                 self.on_batch(self.step, batch)
-            stop = self.train_step(batch)
+            self.train_step(batch)
             micro += 1
             if not self.acc.sync_gradients:
                 continue
             if micro >= limit:  # the epoch's last step: its boundary comes after the epoch is closed
                 break
-            status = self._step_boundary(stop, epoch_done=False)
+            status = self._step_boundary(epoch_done=False)
             if status is not None:
                 return status
         del it  # release the reader before the next epoch is set up
@@ -310,12 +324,14 @@ class Trainer:
         self._log_class_share()
         self.epoch += 1
         self.loader.set_epoch(self.epoch)  # so the epoch-end checkpoint resumes at the next epoch
-        return self._step_boundary(self._stop_flag, epoch_done=True)
+        return self._step_boundary(epoch_done=True)
 
-    def train_step(self, batch: dict) -> bool:
+    def train_step(self, batch: dict) -> None:
         """One micro-batch: forward, loss, backward; at an accumulation boundary, the optimizer step.
 
-        Returns whether all ranks agreed to stop (a preemption signal) at this boundary.
+        Reads nothing back from the device: the loss sums, the non-finite flag and the skip decision
+        stay there (the fused optimizer takes the flag as ``found_inf``, as with a grad scaler) until
+        the next host read at a step boundary (``_host_read``).
         """
         x, y = batch["x"], batch["label"]
         x_noisy = batch.get("x_noisy", x)
@@ -323,8 +339,8 @@ class Trainer:
         if self.input_dtype is not None and x.dtype != self.input_dtype:
             x, x_noisy = x.to(self.input_dtype), x_noisy.to(self.input_dtype)
             x_noisy2 = None if x_noisy2 is None else x_noisy2.to(self.input_dtype)
-        if self._micro_in_window == 0 and self._buffers:
-            torch._foreach_copy_(self._buffer_snapshot, self._buffers)
+        if self._micro_in_window == 0:
+            self._bn.save()
         self._micro_in_window += 1
         with self.acc.accumulate(self.model):
             out = self.model(x, x_noisy, labels=y, x_noisy2=x_noisy2)
@@ -332,64 +348,93 @@ class Trainer:
             loss = losses["total"]
             finite = torch.isfinite(loss.detach())
             self._win_bad |= ~finite
-            terms = torch.stack([losses[k].detach().float() for k in ("total", "cls", "rec_real", "rec_fake")])
-            self._win["sums"] += torch.where(finite, terms, torch.zeros_like(terms))
-            self._win["n"] += finite.float()
+            terms = torch.stack([losses[k].detach().float() for k in ("total", "cls", "rec_real", "rec_fake")]
+                                + [self._one])
+            self._win_dev[:5] += torch.where(finite, terms, 0.0)  # sums of the finite terms, their count
             self._win["images"] += x.shape[0]
             self._epoch_labels[0] += y.numel()
             self._epoch_labels[1] += y.detach().float().sum()
             if self.deepspeed:
-                # DeepSpeed steps inside backward, so the decision cannot wait for the boundary:
-                # agree now, and feed a zero loss for a bad micro-batch to keep every engine in step.
-                bad, stop = reduce_max(self.acc, torch.stack([(~finite).float(), self._stop_tensor()]))
-                self.acc.backward(loss if not bad else self._zero_loss())
+                bad = self._deepspeed_backward(loss)
             else:
                 self.acc.backward(loss)
-            if self.acc.sync_gradients:
-                stop = self._optimizer_step(out, x, y)
-            else:
-                stop = False
-        self._stop_flag = stop
-        return stop
+                bad = self._optimizer_step() if self.acc.sync_gradients else None
+            if bad is not None:
+                self._after_step(bad, out, x, y)
 
-    def _optimizer_step(self, out, x, y) -> bool:
-        """Clip/measure the gradient, agree across ranks on skip and stop (one collective), step."""
+    def _agree(self, flag: torch.Tensor) -> torch.Tensor:
+        """Max of a 0/1 float flag over ranks; a device collective (NCCL does not block the host)."""
+        if self.acc.num_processes > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Unscale (fp16), clip/measure the gradient, decide the skip on the device, step.
+
+        Returns the agreed "non-finite" flag (float 0/1 on the device): a non-finite loss in the
+        window, or a non-finite gradient where no grad scaler owns that case. With a scaler, an
+        overflowing gradient of a finite loss is the scaler's business: skipped and the scale backed
+        off, counted apart (``amp/overflow_skipped``).
+        """
+        opt, scaler = self._opt, self.acc.scaler
+        if scaler is not None:
+            scaler.unscale_(opt)  # once per step, here; found_inf lands on the device
+        gn = _grad_norm(self._params, self.cfg.optim.grad_clip)
+        bad = self._win_bad if scaler is not None else self._win_bad | ~torch.isfinite(gn)
+        bad = self._agree(bad.float())
+        skip = bad
+        if scaler is not None:
+            found = list(scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
+            skip = torch.maximum(bad, torch.stack(found).amax())
+            self._skips[1] += skip - bad
+        if self._fused:
+            opt.found_inf = skip
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+        elif not skip.item():  # foreach Adam takes no found_inf: the host read that optim.fused avoids
+            opt.step()
+        if scaler is not None:
+            for t in found:
+                t.copy_(skip)  # a non-finite loss backs the scale off too
+            scaler.update()  # every step, skipped or not: the scaler is ready for the next unscale_
+        self.optimizer.zero_grad(set_to_none=True)
+        self._win_dev[5] = gn.detach().float()
+        return bad
+
+    def _deepspeed_backward(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """DeepSpeed steps right after backward: the skip flag goes to our fused Adam as found_inf
+        between the two, so a non-finite window moves no weight and no Adam moment. DeepSpeed's
+        ZeRO optimizer also checks the gradients itself (fp16 loss scaling, overflow skip), on the
+        host, inside its own step."""
+        engine = self.acc.deepspeed_engine_wrapped.engine
+        boundary = self.acc.sync_gradients
+        engine.set_gradient_accumulation_boundary(is_boundary=boundary)
+        engine.backward(loss)
+        if not boundary:
+            return None
+        bad = self._agree(self._win_bad.float())
+        self._opt.found_inf = bad
+        try:
+            engine.step()
+        finally:
+            del self._opt.found_inf
+        return bad
+
+    def _after_step(self, bad: torch.Tensor, out, x, y) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.deepspeed:
-            gn = self.acc.deepspeed_engine_wrapped.engine.get_global_grad_norm()
-            gn = torch.tensor(float(gn) if gn is not None else float("nan"))
-            bad = bool(self._win_bad.item())
-            stop = self.signals is not None and self.signals.stop_requested
-            bad, stop = reduce_max(self.acc, torch.tensor([float(bad), float(stop)], device=self.acc.device))
-        else:
-            gn = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
-            bad_now = self._win_bad.clone()
-            if self.acc.scaler is None:  # a grad scaler handles inf gradients itself (skips, rescales)
-                bad_now |= ~torch.isfinite(gn)
-            bad, stop = reduce_max(self.acc, torch.stack([bad_now.float(), self._stop_tensor()]))
-            if not bad:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         self._win["steps"] += 1
         self._win["lr"] = lr
-        self._win["grad_norm"] = gn
+        self._skips[0] += bad
+        self._bn.restore_if(bad)
         self._win_bad.zero_()
         self._micro_in_window = 0
-        if bad:
-            if self._buffers:
-                torch._foreach_copy_(self._buffers, self._buffer_snapshot)
-            self.nonfinite += 1
-            self._say(f"step {self.step}: non-finite loss or gradient, update skipped "
-                      f"({self.nonfinite}/{self.cfg.train.max_nonfinite} allowed)")
-            if self.nonfinite > self.cfg.train.max_nonfinite:
-                raise NonFiniteLimitError(f"{self.nonfinite} non-finite steps exceed train.max_nonfinite="
-                                          f"{self.cfg.train.max_nonfinite}")
         every = self.cfg.logging.image_every
         if every and self.step % every == 0 and isinstance(getattr(out, "recon_real", None), torch.Tensor):
-            self.tb.recon_panel(x, out.recon_real, out.recon_fake, y, self.step)
-        return bool(stop)
+            self._panel = (x.detach(), out.recon_real.detach(), out.recon_fake.detach(), y)
 
     def _log_class_share(self) -> None:
         """The real/fake share of the images trained on this epoch, over all ranks (data.balance's effect).
@@ -413,26 +458,31 @@ class Trainer:
             print(f"fdtrain train: {tagged}", file=sys.stderr, flush=True)
         return tagged
 
-    def _stop_tensor(self) -> torch.Tensor:
-        stop = self.signals is not None and self.signals.stop_requested
-        return torch.tensor(float(stop), device=self.acc.device)
-
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss of 0 connected to every parameter: zero gradients, same collectives."""
-        return sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
-
     # ---- step boundary: log, validate, checkpoint, stop --------------------------------------
-    def _step_boundary(self, stop: bool, *, epoch_done: bool) -> int | None:
+    def _step_boundary(self, *, epoch_done: bool) -> int | None:
+        """Between optimizer steps. The device is read (one host read, ``_host_read``) only where
+        something needs it: logging, evaluation, a checkpoint, every ``train.sync_every`` steps to
+        agree on a stop signal across ranks, or a stop signal seen by this (single) process."""
         cfg = self.cfg
         last = self.step >= self.total_steps
-        if self.step % cfg.logging.every_steps == 0 or last or stop or self.step == 1:
-            self._log_window()
+        log_due = self.step % cfg.logging.every_steps == 0 or last or self.step == 1
         evaluate = (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0) or (
             not cfg.eval.every_steps and epoch_done) or last
         save_due = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or (
-            not cfg.checkpoint.every_steps and epoch_done) or last or stop
+            not cfg.checkpoint.every_steps and epoch_done) or last
+        local_stop = self.signals is not None and self.signals.stop_requested
+        single = self.acc.num_processes == 1
+        if not (log_due or evaluate or save_due or self.step % cfg.train.sync_every == 0 or (single and local_stop)):
+            return None
+        stop = self._host_read(local_stop)
+        if log_due or stop:
+            self._log_window()
+        save_due = save_due or stop
         improved = False
-        t_pause = time.perf_counter()  # evaluation and checkpoint time stay out of images/s
+        t_pause = time.perf_counter()  # evaluation, checkpoint and panel time stay out of images/s
+        if self._panel is not None:
+            self.tb.recon_panel(*self._panel, self.step)
+            self._panel = None
         if evaluate or save_due:
             self._sync_buffers()
         # Save before validating: a validation that fails, or a kill during it, costs no checkpoint.
@@ -463,18 +513,60 @@ class Trainer:
                               trainer_state=self.state_dict(), loader_state=self.loader.state_dict())
 
     def _new_window(self) -> None:
-        self._win = {"t0": time.perf_counter(), "data": 0.0, "images": 0, "steps": 0, "lr": 0.0,
-                     "grad_norm": torch.tensor(float("nan")),
-                     "sums": torch.zeros(4, device=self.acc.device), "n": torch.zeros((), device=self.acc.device)}
+        dev = self.acc.device
+        self._win = {"t0": time.perf_counter(), "data": 0.0, "images": 0, "steps": 0, "lr": 0.0, "host": None}
+        # [sum total, sum cls, sum rec_real, sum rec_fake, finite micro-batches, last grad norm]
+        self._win_dev = torch.zeros(6, device=dev)
+        self._win_dev[5] = float("nan")
+        self._one = torch.ones((), device=dev)
+
+    def _host_read(self, local_stop: bool) -> bool:
+        """The one host read of a logging period: window sums, skip counts and (several ranks) the
+        stop flag agreed by max, in one copy. It waits for the device, so the window's elapsed
+        time taken after it covers all the work queued in the window (images/s needs no other sync).
+
+        Returns whether to stop (a signal on any rank); raises NonFiniteLimitError past
+        train.max_nonfinite (checked here, so it may show up to a logging period late; the steps
+        between were skipped and moved no weight).
+        """
+        parts = [self._win_dev, self._skips]
+        if self.acc.num_processes > 1:
+            self._stop_dev.fill_(float(local_stop))  # a fill, not a host-to-device copy
+            parts.append(self._agree(self._stop_dev))
+        vals = torch.cat(parts).tolist()
+        self._win["host"] = vals[:6]
+        new_bad, new_amp = int(vals[6]), int(vals[7])
+        stop = bool(vals[8]) if len(vals) > 8 else local_stop
+        self._skips.zero_()
+        self.amp_skipped += new_amp
+        if new_bad:
+            self.nonfinite += new_bad
+            self._say(f"step {self.step}: {new_bad} step(s) with a non-finite loss or gradient since the last check, "
+                      f"updates skipped ({self.nonfinite}/{self.cfg.train.max_nonfinite} allowed)")
+            if self.nonfinite > self.cfg.train.max_nonfinite:
+                raise NonFiniteLimitError(f"{self.nonfinite} non-finite steps exceed train.max_nonfinite="
+                                          f"{self.cfg.train.max_nonfinite}")
+        return stop
 
     def _log_window(self) -> None:
+        """Scalars of the window since the last log. images/s: images over the wall time between
+        two host reads (each waits for the device), evaluation and checkpoint time left out;
+        data_wait_share: the part of it the loop spent waiting in the loader's next()."""
         w = self._win
         elapsed = max(1e-9, time.perf_counter() - w["t0"])
-        n = float(w["n"])  # finite micro-batches in the window; none: the means are NaN, not 0
-        total, cls, rr, rf = (w["sums"] / n).tolist() if n else [float("nan")] * 4
+        host = w["host"] if w["host"] is not None else self._win_dev.tolist()
+        n = host[4]  # finite micro-batches in the window; none: the means are NaN, not 0
+        total, cls, rr, rf = [v / n for v in host[:4]] if n else [float("nan")] * 4
+        gn = host[5]
+        if self.deepspeed:  # DeepSpeed clips and measures inside its step (a host float already)
+            gn = self.acc.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+            gn = float(gn) if gn is not None else float("nan")
         stats = {"loss/total": total, "loss/cls": cls, "loss/rec_real": rr, "loss/rec_fake": rf, "lr": w["lr"],
-                 "grad_norm": float(w["grad_norm"]), "images_per_sec": w["images"] * self.acc.num_processes / elapsed,
+                 "grad_norm": gn, "images_per_sec": w["images"] * self.acc.num_processes / elapsed,
                  "data_wait_share": w["data"] / elapsed, "nonfinite_skipped": self.nonfinite}
+        if self.acc.scaler is not None:
+            stats["amp/loss_scale"] = float(self.acc.scaler.get_scale())
+            stats["amp/overflow_skipped"] = self.amp_skipped
         if self.acc.device.type == "cuda":
             stats["gpu/mem_allocated_gb"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
             stats["gpu/mem_reserved_gb"] = torch.cuda.memory_reserved(self.acc.device) / 2**30
@@ -710,3 +802,35 @@ def train(cfg: Config) -> int:
 
 
 __all__ = ["train", "Trainer", "EXIT_OK", "EXIT_NONFINITE", "EXIT_PREEMPTED"]
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm (a device tensor, no host read), clipping to ``max_norm`` when > 0."""
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+
+
+class _BufferGuard:
+    """Snapshot of the model's buffers (BatchNorm running stats) at the start of an accumulation
+    window, put back on the device when the window's step is skipped: ``torch.where`` over one flat
+    copy per dtype (a handful of kernels, no host read), not a branch on the flag."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.groups = []
+        for dtype in dict.fromkeys(b.dtype for b in buffers):
+            views = [b.view(-1) for b in buffers if b.dtype == dtype and b.numel()]
+            if views:
+                self.groups.append((views, [v.numel() for v in views], torch.cat(views)))
+
+    def save(self) -> None:
+        for views, _, snap in self.groups:
+            torch.cat(views, out=snap)
+
+    def restore_if(self, flag: torch.Tensor) -> None:
+        cond = flag.bool()
+        for views, sizes, snap in self.groups:
+            torch._foreach_copy_(views, list(torch.where(cond, snap, torch.cat(views)).split(sizes)))

@@ -1,0 +1,159 @@
+"""The training step's hot path: no host reads between logging points, and fp16 non-finite steps
+with a grad scaler (clipping or not) skipped on the device while the run goes on.
+
+CPU only: Accelerate makes no grad scaler on a CPU, so the fp16 tests install a real
+``torch.amp.GradScaler("cpu")`` where Accelerate keeps its own (``acc.scaler``, used by
+``acc.backward`` and the trainer's optimizer step).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fdtrain.config import resolve
+from tests import _engine_utils as U
+
+pytestmark = pytest.mark.slow
+
+# What reads a tensor's value back to the host (on a GPU: a device sync).
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return U.write_easy_dataset(tmp_path_factory.mktemp("hot") / "data", train_videos=16, eval_videos=2, shards=2)
+
+
+def _trainer(data, tmp_path, name, **extra):
+    from fdtrain.engine.trainer import Trainer
+
+    U.reset_accelerate()
+    cfg = resolve(None, U.overrides(data, tmp_path, name, **{
+        "data.val": "", "data.test": {}, "logging.image_every": 0, "data.batch_size": 2, **extra}))
+    return Trainer(cfg)
+
+
+def _finish(trainer) -> None:
+    trainer.close()
+    trainer.acc.end_training()
+    U.reset_accelerate()
+
+
+class _HostReadCounter:
+    """Counts calls of the tensor methods that read values back to the host, by the section of the
+    trainer they happen in (patched on torch.Tensor for the duration)."""
+
+    def __init__(self, monkeypatch, trainer):
+        self.section: str | None = None
+        self.counts: dict[str, int] = {}
+        self.reads_at: list[int] = []  # optimizer step of each boundary host read
+        for name in HOST_READS:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _orig=orig, **k):
+                if self.section is not None:
+                    self.counts[self.section] = self.counts.get(self.section, 0) + 1
+                return _orig(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapped)
+        for method in ("train_step", "_host_read"):
+            orig = getattr(trainer, method)
+
+            def section(*a, _orig=orig, _name=method, **k):
+                self.section = _name
+                if _name == "_host_read":
+                    self.reads_at.append(trainer.step)
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.section = None
+
+            monkeypatch.setattr(trainer, method, section)
+
+
+def test_train_step_reads_nothing_back_and_the_boundary_reads_once_per_logging_point(data, tmp_path, monkeypatch):
+    """40 steps logged every 20 (32 batches per epoch): no host read inside train_step; one read at
+    each step that needs the device's values (first log, logs, the epoch-end checkpoint, the end)."""
+    trainer = _trainer(data, tmp_path, "count", **{"train.max_steps": 40, "logging.every_steps": 20,
+                                                    "train.grad_accum": 1})
+    counter = _HostReadCounter(monkeypatch, trainer)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        monkeypatch.undo()
+        _finish(trainer)
+    assert trainer.step == 40
+    assert counter.counts.get("train_step", 0) == 0, counter.counts
+    assert counter.reads_at == [1, 20, 32, 40], counter.reads_at  # 32: epoch end (checkpoint)
+    assert counter.counts["_host_read"] == len(counter.reads_at), counter.counts  # one read each
+    stats = trainer.last_train_stats
+    assert stats["images_per_sec"] > 0 and 0 <= stats["data_wait_share"] < 1
+    assert stats["loss/total"] == pytest.approx(stats["loss/total"]) and stats["nonfinite_skipped"] == 0
+
+
+def _state(trainer) -> dict[str, torch.Tensor]:
+    model = trainer.acc.unwrap_model(trainer.model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _adam_steps(trainer) -> set[float]:
+    return {float(s["step"]) for s in trainer._opt.state.values()}
+
+
+@pytest.mark.parametrize("clip,fused", [(0.0, True), (1.0, True), (1.0, False)])
+def test_fp16_grad_scaler_skips_a_nonfinite_step_and_trains_on(data, tmp_path, clip, fused):
+    """A NaN input at the 3rd step with a GradScaler: before the fix, clipping (and the norm
+    measured for logging) unscaled, the step was skipped without scaler.update(), and the 4th step
+    raised "unscale_() has already been called". Now: the run finishes, the skip is counted once,
+    the skipped step leaves weights, BatchNorm statistics and Adam's step count as they were, the
+    scale backs off once, and the following steps train."""
+    trainer = _trainer(data, tmp_path, f"fp16_{clip}_{fused}", **{
+        "train.max_steps": 6, "logging.every_steps": 3, "optim.grad_clip": clip, "optim.fused": fused})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+    trainer.acc.scaler = trainer.optimizer.scaler = scaler
+    snaps: dict[int, dict] = {}
+    adam: dict[int, set] = {}
+
+    def on_batch(step, batch):
+        snaps[step], adam[step] = _state(trainer), _adam_steps(trainer)
+        if step == 2:  # the 3rd optimizer step gets a non-finite loss
+            batch["x"] = batch["x"].clone()
+            batch["x"][0, 0, 0, 0] = float("nan")
+            batch["x_noisy"] = batch["x"]
+
+    trainer.on_batch = on_batch
+    try:
+        assert trainer.fit() == 0
+    finally:
+        _finish(trainer)
+    assert trainer.step == 6 and trainer.nonfinite == 1
+    assert scaler.get_scale() == 2.0 ** 7  # backed off once, for the skipped step only
+    assert adam[3] == adam[2] == {2.0} and adam[5] == {4.0}
+    for k, v in snaps[2].items():  # nothing moved, BatchNorm running stats included
+        assert torch.equal(v, snaps[3][k]), k
+    moved = [k for k, v in snaps[3].items() if v.is_floating_point() and not torch.equal(v, snaps[5][k])]
+    assert len(moved) > 0.9 * sum(v.is_floating_point() for v in snaps[3].values())  # it trains on
+    assert all(torch.isfinite(v).all() for v in snaps[5].values())
+
+
+def test_fp32_nonfinite_step_leaves_no_trace_without_a_scaler(data, tmp_path):
+    """No scaler: the non-finite flag reaches fused Adam as found_inf; same guarantees."""
+    trainer = _trainer(data, tmp_path, "fp32nan", **{"train.max_steps": 4, "logging.every_steps": 4})
+    snaps: dict[int, dict] = {}
+
+    def on_batch(step, batch):
+        snaps[step] = _state(trainer)
+        if step == 1:
+            batch["x"] = batch["x"].clone()
+            batch["x"][0, 0, 0, 0] = float("inf")
+            batch["x_noisy"] = batch["x"]
+
+    trainer.on_batch = on_batch
+    try:
+        assert trainer.fit() == 0
+    finally:
+        _finish(trainer)
+    assert trainer.nonfinite == 1 and trainer.last_train_stats["nonfinite_skipped"] == 1
+    for k, v in snaps[1].items():
+        assert torch.equal(v, snaps[2][k]), k
+    assert not torch.equal(snaps[2]["fc.weight"], snaps[3]["fc.weight"])  # the next step trains
