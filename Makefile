@@ -11,7 +11,7 @@ DEMO_SHARDS ?= shards/demo
 FD := $(PY) -m fdtrain
 DEMO_HOLDOUT ?= NeuralTextures
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv demo test lint clean-demo gpu-bundle
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,14 @@ demo: venv
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS) runs/demo
+
+# Wheels that launch/gpu_check.sh installs offline on a GPU node that lacks them (torch, timm,
+# accelerate, tensorboard are expected there; DALI is not bundled: 200 MB). Pure-Python wheels,
+# pinned to the versions tested here; carried with the tree (gpu_bundle/ is git-ignored).
+GPU_BUNDLE ?= gpu_bundle
+GPU_BUNDLE_PKGS ?= webdataset==1.0.2 braceexpand==0.1.7
+gpu-bundle:
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux2014_x86_64 -d $(GPU_BUNDLE) $(GPU_BUNDLE_PKGS)
+	@du -sh $(GPU_BUNDLE); ls $(GPU_BUNDLE)

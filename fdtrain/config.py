@@ -119,6 +119,8 @@ class DataConfig:
     on_corrupt: Literal["error", "skip"] = f("error", "undecodable sample: stop naming it, or skip and count")
     missing_index: Literal["build", "error"] = f("build", "shard without DALI index: build it (warn) or refuse")
     pin_memory: bool = f(True, "pinned host memory for the torch backend when on CUDA")
+    hw_decoder_load: float = f(0.65, "DALI mixed decoder: share of JPEGs sent to the GPU's hardware decoder "
+                                     "(A100/H100 class; DALI's default), the rest to CUDA nvJPEG")
 
 
 @dataclass
@@ -493,6 +495,8 @@ def validate(cfg: Config) -> None:
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k}: must be > 0, got {v}")
+    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
+        raise ConfigError(f"data.hw_decoder_load: a share in [0, 1], got {cfg.data.hw_decoder_load}")
     for k, v in {"data.flip_p": cfg.data.flip_p, "data.noise_p": cfg.data.noise_p}.items():
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{k}: a probability in [0, 1], got {v}")

@@ -35,6 +35,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
                    help="model.channels_last for every model (inputs arrive NCHW, as from the loaders)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model first (compile time goes into the warmup steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", default="", help="also write the JSON result to PATH")
 
@@ -87,6 +89,8 @@ def run_bench(args: argparse.Namespace) -> int:
     loss_fn = FakeDifferLoss()
     channels_last = args.memory_format == "channels_last"
     models = {n: _build(n, s, channels_last).to(device).train() for n in names}
+    if args.compile:
+        models = {n: torch.compile(m) for n, m in models.items()}
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
 
     def step(name: str) -> tuple[float, float]:
@@ -141,13 +145,15 @@ def run_bench(args: argparse.Namespace) -> int:
     result = {
         "bench": "model", "device": device_name, "precision": args.precision, "batch_size": b, "size": s,
         "steps": args.steps, "warmup": args.warmup, "memory_format": args.memory_format,
-        "torch": torch.__version__, "results": results, "time_ratios": ratios,
+        "compiled": bool(args.compile), "torch": torch.__version__, "results": results, "time_ratios": ratios,
     }
     if device.type == "cpu":
         result["cpu_time_ratios"] = cpu_ratios
+    else:
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # all models together
 
-    print(f"fdtrain bench model: forward+backward, batch {b}, {s}x{s}, {args.precision}, {device_name}, "
-          f"median of {args.steps} steps")
+    print(f"fdtrain bench model: forward+backward, batch {b}, {s}x{s}, {args.precision}, {args.memory_format}"
+          f"{', compiled' if args.compile else ''}, {device_name}, median of {args.steps} steps")
     on_cpu = device.type == "cpu"
     print(f"{'model':<12} {'params':>8} {'step ms':>10} {'images/s':>10} {'time vs xception':>17}"
           + (f" {'cpu ms':>10} {'cpu vs xception':>16}" if on_cpu else ""))

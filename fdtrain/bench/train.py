@@ -39,6 +39,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="DALI threads / DataLoader workers (default: the recipe's)")
+    p.add_argument("--compile", action="store_true", help="train.compile=true (compile time goes into the warmup)")
     p.add_argument("--json", metavar="PATH", default="", help="also write the JSON result to PATH")
 
 
@@ -75,6 +76,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 f"--model.input_size={size}", f"--data.batch_size={batch}", f"--train.mixed_precision={precision}",
                 f"--run.device={args.device}", f"--run.out_dir={tmp / 'runs'}", "--run.name=bench",
                 "--logging.tensorboard=false", "--logging.progress=off", "--model.pretrained=false"]
+        if args.compile:
+            over.append("--train.compile=true")
         if args.threads:
             over += [f"--data.num_threads={args.threads}", f"--data.num_workers={args.threads}"]
         cfg = resolve(args.recipe or None, over)
@@ -160,7 +163,10 @@ def _measure(cfg, args: argparse.Namespace) -> int:
               "forward": cfg.model.forward, "steps": args.steps, "warmup": args.warmup,
               "images_per_s": results["end_to_end"]["images_per_s"],
               "data_wait_share": results["end_to_end"]["data_wait_share"],
-              "end_to_end_vs_compute_only": ratio, "results": results, "torch": torch.__version__}
+              "end_to_end_vs_compute_only": ratio, "results": results, "torch": torch.__version__,
+              "compiled": bool(cfg.train.compile), "channels_last": cfg.model.channels_last}
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     if acc.is_main_process:
         print(f"fdtrain bench train: FakeDiffer {cfg.model.forward}, {cfg.model.input_size}x{cfg.model.input_size}, "
               f"batch {b} x {world} rank(s), precision {acc.mixed_precision}, {device_name}, "

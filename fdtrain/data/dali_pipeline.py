@@ -50,8 +50,12 @@ def parse_source_info(info: str) -> tuple[str, str]:
 def image_pipeline(*, tars: list[str], indexes: list[str], shard_id: int, num_shards: int, batch_size: int,
                    size: int, train: bool, seed: int, flip_p: float, decoder: str, device_id: int | None,
                    num_threads: int, prefetch: int, shuffle_buffer: int, fp16: bool = False,
-                   decode: bool = True, checkpointing: bool = False, checkpoint: bytes | None = None) -> Pipeline:
-    """The DALI graph. Outputs: x (B,3,S,S) normalized, cls bytes and source_info bytes (zero-padded).
+                   decode: bool = True, checkpointing: bool = False, checkpoint: bytes | None = None,
+                   layout: str = "CHW", hw_decoder_load: float = 0.65) -> Pipeline:
+    """The DALI graph. Outputs: x (B,3,S,S) normalized, or (B,S,S,3) with ``layout="HWC"`` (then
+    ``permute(0, 3, 1, 2)`` is a channels_last view: no copy for a channels_last model), cls bytes
+    and source_info bytes (zero-padded). ``hw_decoder_load``: the share of images the "mixed"
+    decoder hands to the GPU's hardware JPEG engine (A100/H100 class), the rest to CUDA nvJPEG.
 
     ``decode=False`` keeps only the reader (same seed, same order): used to replay the samples of a
     failed batch without decoding them. ``checkpointing``/``checkpoint``: DALI's pipeline checkpoints
@@ -71,11 +75,12 @@ def image_pipeline(*, tars: list[str], indexes: list[str], shard_id: int, num_sh
         if not decode:
             pipe.set_outputs(cls, info)
             return pipe
-        images = fn.decoders.image(images, device=decoder, output_type=types.RGB)
+        hw = {"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {}
+        images = fn.decoders.image(images, device=decoder, output_type=types.RGB, **hw)
         # linear + antialias: a triangle filter over the source footprint, like PIL's BILINEAR
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
         mirror = fn.random.coin_flip(probability=flip_p) if train and flip_p > 0 else 0
-        x = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="CHW",
+        x = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout=layout,
                                      mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
         pipe.set_outputs(x, cls, info)
     return pipe
@@ -96,6 +101,8 @@ class DaliLoader(Loader):
         self._tmp: tempfile.TemporaryDirectory | None = None  # filtered index files (on_corrupt=skip)
         self._live: DALIGenericIterator | None = None  # the training epoch's iterator, for state_dict
         self._resume_from: tuple[int, int, bytes] | None = None  # (epoch, step, DALI checkpoint) to resume
+        # channels_last models take HWC as a free view; NCHW models get CHW (no re-layout either way)
+        self.layout = "HWC" if getattr(cfg.model, "channels_last", False) else "CHW"
 
     def describe(self) -> str:
         d = self.cfg.data
@@ -159,7 +166,8 @@ class DaliLoader(Loader):
                               train=self.train, flip_p=d.flip_p, decoder=self.decoder, device_id=self.device_id,
                               num_threads=d.num_threads, prefetch=d.prefetch, shuffle_buffer=d.shuffle_buffer,
                               fp16=self.dtype == torch.float16, decode=decode,
-                              checkpointing=self.train and decode, checkpoint=checkpoint)
+                              checkpointing=self.train and decode, checkpoint=checkpoint, layout=self.layout,
+                              hw_decoder_load=d.hw_decoder_load)
         try:
             pipe.build()
         except RuntimeError as e:
@@ -232,7 +240,8 @@ class DaliLoader(Loader):
             tar, key = parse_source_info(bytes(info).rstrip(b"\0").decode())
             keys.append(key)
             labels.append(parse_label(bytes(cls), key, tar))
-        return {"x": out["x"], "label": torch.tensor(labels, dtype=torch.float32), "key": keys}
+        x = out["x"].permute(0, 3, 1, 2) if self.layout == "HWC" else out["x"]
+        return {"x": x, "label": torch.tensor(labels, dtype=torch.float32), "key": keys}
 
     # --- corrupt samples ---------------------------------------------------------------------
     def _locate_bad(self, epoch: int, step: int, err: BaseException | None) -> list[tuple[str, str, str]]:

@@ -71,6 +71,12 @@ class Trainer:
         self._check_inputs()  # every data path, before minutes of model and loader set-up
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        if self.deepspeed and cfg.model.channels_last:
+            # DeepSpeed broadcasts and flattens parameters as contiguous byte buffers and refuses
+            # channels_last conv weights: NCHW end to end there (weights, model inputs, DALI output),
+            # so that no step re-lays a tensor out.
+            log.info("DeepSpeed: model.channels_last=false (NCHW weights and inputs)")
+            cfg.model.channels_last = False
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model_from_config(cfg.model)
         self.loss_fn = FakeDifferLoss(cfg.loss)
@@ -92,11 +98,6 @@ class Trainer:
                               "Adam kernel's found_inf flag there; set optim.fused=true")
         self.schedule = Schedule(cfg.optim, self.global_batch, self.total_steps)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, schedule=self.schedule)
-        if self.deepspeed and not all(p.is_contiguous() for p in model.parameters()):
-            # DeepSpeed broadcasts and flattens parameters as contiguous byte buffers; channels_last
-            # conv weights (model.channels_last) are refused there, so they go back to NCHW.
-            log.info("DeepSpeed: conv weights in contiguous (NCHW) memory format")
-            model = model.to(memory_format=torch.contiguous_format)
         if cfg.train.compile:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
