@@ -7,6 +7,8 @@ CPU only: Accelerate makes no grad scaler on a CPU, so the fp16 tests install a 
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -157,3 +159,124 @@ def test_fp32_nonfinite_step_leaves_no_trace_without_a_scaler(data, tmp_path):
     for k, v in snaps[1].items():
         assert torch.equal(v, snaps[2][k]), k
     assert not torch.equal(snaps[2]["fc.weight"], snaps[3]["fc.weight"])  # the next step trains
+
+
+_DS_DRIVER = '''
+import json, sys
+import torch
+from fdtrain.config import resolve
+from fdtrain.engine.trainer import Trainer
+
+out, overrides = sys.argv[1], sys.argv[2:]
+trainer = Trainer(resolve(None, overrides))
+seen = {}
+
+def on_batch(step, batch):
+    module = trainer.acc.unwrap_model(trainer.model)
+    seen[step] = {"params": [p.detach().double().sum().item() for p in module.parameters()],
+                  "buffers": [b.detach().double().sum().item() for b in module.buffers()],
+                  "adam_steps": sorted(float(s["step"]) for s in trainer._opt.state.values())}
+    if step == 2:  # the 3rd optimizer step: a non-finite loss
+        batch["x"] = batch["x"].clone()
+        batch["x"][0, 0, 0, 0] = float("nan")
+        batch["x_noisy"] = batch["x"]
+
+trainer.on_batch = on_batch
+code = trainer.fit()
+trainer.close()
+json.dump({"code": code, "seen": seen, "nonfinite": trainer.nonfinite}, open(out, "w"))
+'''
+
+
+@pytest.mark.multiproc
+def test_deepspeed_skipped_step_moves_no_weight_and_no_adam_moment(data, tmp_path):
+    """DeepSpeed ZeRO-2 (one CPU process, the project's zero2 launch config): the non-finite window's
+    step leaves weights, BatchNorm statistics and Adam's step count as they were; the next trains.
+    (The former zero-loss stand-in let Adam step on zero gradients: momentum moved every weight.)"""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DS_DRIVER)
+    out = tmp_path / "seen.json"
+    args = U.overrides(data, tmp_path / "runs", "ds", **{"train.max_steps": 5, "data.val": "", "data.test": {},
+                                                          "logging.image_every": 0, "data.batch_size": 2})
+    cmd = [U.PY, "-m", "accelerate.commands.launch", "--config_file", str(U.REPO / "launch/accelerate/zero2.yaml"),
+           "--num_processes", "1", "--num_machines", "1", "--main_process_port", str(U.free_port()),
+           str(driver), str(out), *args]
+    proc = U.run(cmd, timeout=900)
+    assert proc.returncode == 0, U.explain(proc)
+    r = json.loads(out.read_text())
+    seen = {int(k): v for k, v in r["seen"].items()}
+    assert r["code"] == 0 and r["nonfinite"] == 1, r
+    assert seen[3] == seen[2], "the skipped step changed weights, buffers or Adam state"
+    assert seen[2]["adam_steps"] and set(seen[4]["adam_steps"]) == {set(seen[3]["adam_steps"]).pop() + 1}
+    assert seen[4]["params"] != seen[3]["params"]  # it trains on
+
+
+def _run_steps(data, tmp_path, name, steps, **extra):
+    """(per-step loss, per-step grad norm, final state) of a short fp32 run without dropout."""
+    trainer = _trainer(data, tmp_path, name, **{
+        "train.max_steps": steps, "logging.every_steps": 1, "optim.lr": 1e-5, "optim.warmup_steps": 0,
+        "model.dropout": 0.0, "model.encoder_dropout": 0.0, **extra})
+    stats = []
+    trainer.on_batch = lambda step, batch: stats.append(dict(trainer.last_train_stats)) if step else None
+    try:
+        assert trainer.fit() == 0
+        stats.append(dict(trainer.last_train_stats))
+        state = {k: v.detach().clone() for k, v in trainer.acc.unwrap_model(
+            trainer.model, keep_torch_compile=False).state_dict().items()}
+    finally:
+        _finish(trainer)
+    return [s["loss/total"] for s in stats], [s["grad_norm"] for s in stats], state
+
+
+def test_torch_compile_matches_eager_for_a_few_steps(data, tmp_path):
+    """train.compile (inductor, C++ on the CPU) against eager, same seed and batches, 3 steps, train-mode
+    BatchNorm. Dropout is off (inductor draws its own random numbers) and lr is 1e-5. Tolerances:
+    losses and gradient norms 1e-3 relative (float reassociation in fused kernels); BatchNorm running
+    statistics 1e-4; weights 2 x lr x steps, the most two Adam trajectories can part in 3 steps
+    (an Adam step moves a weight by at most about lr). Compiling takes minutes on a loaded 2-core CPU."""
+    eager = _run_steps(data, tmp_path, "eager", 3)
+    compiled = _run_steps(data, tmp_path, "compiled", 3, **{"train.compile": True})
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-3), (eager[0], compiled[0])
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-3), (eager[1], compiled[1])
+    a, b = eager[2], compiled[2]
+    assert a.keys() == b.keys()
+    for k in a:
+        if not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k  # num_batches_tracked
+        elif "running_" in k:
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), k
+        else:
+            assert (a[k] - b[k]).abs().max() <= 2 * 1e-5 * 3 * 1.01, k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_cuda_fp16_with_accelerates_grad_scaler_survives_a_nonfinite_step(data, tmp_path, clip):
+    """On a GPU: real fp16 autocast and the grad scaler Accelerate makes itself (torch loader, as on a
+    node without DALI). Same guarantees as the CPU test above; run by launch/gpu_check.sh."""
+    trainer = _trainer(data, tmp_path, f"cuda_fp16_{clip}", **{
+        "run.device": "cuda", "train.mixed_precision": "fp16", "data.backend": "torch", "data.num_workers": 1,
+        "train.max_steps": 6, "logging.every_steps": 3, "optim.grad_clip": clip})
+    scaler = trainer.acc.scaler
+    assert scaler is not None and trainer._fused
+    snaps: dict[int, dict] = {}
+    scales: dict[int, float] = {}
+
+    def on_batch(step, batch):
+        snaps[step], scales[step] = _state(trainer), scaler.get_scale()
+        if step == 2:
+            batch["x"] = batch["x"].clone()
+            batch["x"][0, 0, 0, 0] = float("nan")
+            batch["x_noisy"] = batch["x"]
+
+    trainer.on_batch = on_batch
+    try:
+        assert trainer.fit() == 0
+    finally:
+        _finish(trainer)
+    assert trainer.step == 6 and trainer.nonfinite == 1
+    assert scales[3] == scales[2] / 2  # the skipped step backed the scale off
+    for k, v in snaps[2].items():
+        assert torch.equal(v, snaps[3][k]), k
+    assert not torch.equal(snaps[3]["fc.weight"], snaps[5]["fc.weight"])
+    assert all(torch.isfinite(v).all() for v in snaps[5].values())

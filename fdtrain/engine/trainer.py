@@ -530,14 +530,17 @@ class Trainer:
         train.max_nonfinite (checked here, so it may show up to a logging period late; the steps
         between were skipped and moved no weight).
         """
-        parts = [self._win_dev, self._skips]
+        scale = getattr(self.acc.scaler, "_scale", None)  # the grad scaler's scale (a device tensor)
+        parts = [self._win_dev, self._skips, (scale.float().view(1).to(self._win_dev.device) if scale is not None
+                                              else torch.full((1,), float("nan"), device=self._win_dev.device))]
         if self.acc.num_processes > 1:
             self._stop_dev.fill_(float(local_stop))  # a fill, not a host-to-device copy
             parts.append(self._agree(self._stop_dev))
         vals = torch.cat(parts).tolist()
         self._win["host"] = vals[:6]
+        self._win["loss_scale"] = vals[8]
         new_bad, new_amp = int(vals[6]), int(vals[7])
-        stop = bool(vals[8]) if len(vals) > 8 else local_stop
+        stop = bool(vals[9]) if len(vals) > 9 else local_stop
         self._skips.zero_()
         self.amp_skipped += new_amp
         if new_bad:
@@ -566,7 +569,7 @@ class Trainer:
                  "grad_norm": gn, "images_per_sec": w["images"] * self.acc.num_processes / elapsed,
                  "data_wait_share": w["data"] / elapsed, "nonfinite_skipped": self.nonfinite}
         if self.acc.scaler is not None:
-            stats["amp/loss_scale"] = float(self.acc.scaler.get_scale())
+            stats["amp/loss_scale"] = w.get("loss_scale", float("nan"))
             stats["amp/overflow_skipped"] = self.amp_skipped
         if self.acc.device.type == "cuda":
             stats["gpu/mem_allocated_gb"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
