@@ -10,7 +10,9 @@
 #                    channels_last vs contiguous, eager vs torch.compile
 #   train_torch      `fdtrain bench train` on generated shards, torch fallback loader: compute-only vs
 #                    end-to-end images/s, data-wait share, peak memory
-#   sync_audit       5 training steps under torch.cuda.set_sync_debug_mode("warn")
+#   sync_audit       5 training steps under torch.cuda.set_sync_debug_mode("warn") (default step: none
+#                    allowed in train_step); sync_audit_paper: the same for the paper's two_pass/released
+#                    step, counted only (its class split uses nonzero: data-dependent shapes)
 #   fp16_nonfinite   the GPU tests of tests/test_hot_path.py (fp16 with Accelerate's grad scaler)
 #   decode           DALI mixed when DALI imports, else torchvision.io.decode_jpeg on CUDA (reason printed)
 #
@@ -198,7 +200,10 @@ main() {
     stage_enabled train_torch && run_stage train_torch 300 "${fd[@]}" bench train --device "$dev" --backend torch \
         --batch-size "$b" --size "$s" --steps "$tsteps" --warmup "$twarm" --threads "$threads" \
         --precision "${p0/fp32/no}" --json "$OUT_DIR/train_torch.json"
-    stage_enabled sync_audit && run_stage sync_audit 240 "${gc[@]:0:3}" sync-audit "${gc[@]:3}"
+    local audit=(sync-audit "${gc[@]:3}" --size 128 --batch-size 16)  # syncs do not depend on the size
+    stage_enabled sync_audit && run_stage sync_audit 180 "${gc[@]:0:3}" "${audit[@]}"
+    stage_enabled sync_audit_paper && run_stage sync_audit_paper 180 "${gc[@]:0:3}" "${audit[@]}" \
+        --forward two_pass --recon-reduction released --report-only
     if ((dry)); then
         stage_enabled fp16_nonfinite && run_stage fp16_nonfinite 10 "${skip_gpu[@]}"
     else

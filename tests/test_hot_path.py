@@ -212,41 +212,53 @@ def test_deepspeed_skipped_step_moves_no_weight_and_no_adam_moment(data, tmp_pat
 
 
 def _run_steps(data, tmp_path, name, steps, **extra):
-    """(per-step loss, per-step grad norm, final state) of a short fp32 run without dropout."""
+    """(per-step loss, per-step grad norm, state after the first step) of a short fp32 run, no dropout."""
     trainer = _trainer(data, tmp_path, name, **{
         "train.max_steps": steps, "logging.every_steps": 1, "optim.lr": 1e-5, "optim.warmup_steps": 0,
         "model.dropout": 0.0, "model.encoder_dropout": 0.0, **extra})
-    stats = []
-    trainer.on_batch = lambda step, batch: stats.append(dict(trainer.last_train_stats)) if step else None
+    stats, first = [], {}
+
+    def on_batch(step, batch):
+        if step:
+            stats.append(dict(trainer.last_train_stats))
+        if step == 1:
+            first.update({k: v.detach().clone() for k, v in trainer.acc.unwrap_model(
+                trainer.model, keep_torch_compile=False).state_dict().items()})
+
+    trainer.on_batch = on_batch
     try:
         assert trainer.fit() == 0
         stats.append(dict(trainer.last_train_stats))
-        state = {k: v.detach().clone() for k, v in trainer.acc.unwrap_model(
-            trainer.model, keep_torch_compile=False).state_dict().items()}
     finally:
         _finish(trainer)
-    return [s["loss/total"] for s in stats], [s["grad_norm"] for s in stats], state
+    return [s["loss/total"] for s in stats], [s["grad_norm"] for s in stats], first
 
 
 def test_torch_compile_matches_eager_for_a_few_steps(data, tmp_path):
     """train.compile (inductor, C++ on the CPU) against eager, same seed and batches, 3 steps, train-mode
     BatchNorm. Dropout is off (inductor draws its own random numbers) and lr is 1e-5. Tolerances:
-    losses and gradient norms 1e-3 relative (float reassociation in fused kernels); BatchNorm running
-    statistics 1e-4; weights 2 x lr x steps, the most two Adam trajectories can part in 3 steps
-    (an Adam step moves a weight by at most about lr). Compiling takes minutes on a loaded 2-core CPU."""
+    losses 1e-3 relative (float reassociation in fused kernels); the first step (same weights): its
+    gradient norm 1e-3, the BatchNorm running statistics it leaves 1e-3 / 1e-5, and the weights after
+    it within 2 x lr (Adam's first step moves each weight by lr * g / (|g| + eps), at most lr);
+    later gradient norms 5e-2 (at batch 2 and 64 px the exit flow's BatchNorm sees 8 values per
+    channel, and the gradient amplifies the runs' tiny weight differences: 2.5% was seen). Compiling
+    takes minutes on a loaded 2-core CPU."""
     eager = _run_steps(data, tmp_path, "eager", 3)
     compiled = _run_steps(data, tmp_path, "compiled", 3, **{"train.compile": True})
     assert compiled[0] == pytest.approx(eager[0], rel=1e-3), (eager[0], compiled[0])
-    assert compiled[1] == pytest.approx(eager[1], rel=1e-3), (eager[1], compiled[1])
+    assert compiled[1][0] == pytest.approx(eager[1][0], rel=1e-3), (eager[1], compiled[1])
+    assert compiled[1] == pytest.approx(eager[1], rel=5e-2), (eager[1], compiled[1])
     a, b = eager[2], compiled[2]
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and a
+    worst = {}
     for k in a:
         if not a[k].is_floating_point():
             assert torch.equal(a[k], b[k]), k  # num_batches_tracked
         elif "running_" in k:
-            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), k
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), (k, (a[k] - b[k]).abs().max())
         else:
-            assert (a[k] - b[k]).abs().max() <= 2 * 1e-5 * 3 * 1.01, k
+            worst[k] = float((a[k] - b[k]).abs().max())
+    assert max(worst.values()) <= 2 * 1e-5 * 1.001, max(worst.items(), key=lambda kv: kv[1])
 
 
 @pytest.mark.gpu
