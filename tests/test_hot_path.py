@@ -239,7 +239,8 @@ def test_torch_compile_matches_eager_for_a_few_steps(data, tmp_path):
     BatchNorm. Dropout is off (inductor draws its own random numbers) and lr is 1e-5. Tolerances:
     losses 1e-3 relative (float reassociation in fused kernels); the first step (same weights): its
     gradient norm 1e-3, the BatchNorm running statistics it leaves 1e-3 / 1e-5, and the weights after
-    it within 2 x lr (Adam's first step moves each weight by lr * g / (|g| + eps), at most lr);
+    it within 2 x lr plus float32 rounding (Adam's first step moves each weight by
+    lr * g / (|g| + eps), at most lr; near-zero gradients of opposite sign do part by 2 x lr);
     later gradient norms 5e-2 (at batch 2 and 64 px the exit flow's BatchNorm sees 8 values per
     channel, and the gradient amplifies the runs' tiny weight differences: 2.5% was seen). Compiling
     takes minutes on a loaded 2-core CPU."""
@@ -256,9 +257,10 @@ def test_torch_compile_matches_eager_for_a_few_steps(data, tmp_path):
             assert torch.equal(a[k], b[k]), k  # num_batches_tracked
         elif "running_" in k:
             assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), (k, (a[k] - b[k]).abs().max())
-        else:
-            worst[k] = float((a[k] - b[k]).abs().max())
-    assert max(worst.values()) <= 2 * 1e-5 * 1.001, max(worst.items(), key=lambda kv: kv[1])
+        else:  # + the float32 rounding of the stored weights
+            bound = 2 * 1e-5 + 2 * torch.finfo(torch.float32).eps * float(a[k].abs().max())
+            worst[k] = float((a[k] - b[k]).abs().max()) / bound
+    assert max(worst.values()) <= 1.0, max(worst.items(), key=lambda kv: kv[1])
 
 
 @pytest.mark.gpu
