@@ -3,8 +3,10 @@
 #
 #   launch/gpu_check.sh [--cpu-dry-run] [OUT_DIR]        (OUT_DIR default: ${OUT:-gpu_check})
 #
-# Stages, each under its own `timeout`, each appending one JSON line to OUT_DIR/gpu_check.jsonl
-# (log in OUT_DIR/<stage>.log); a failing stage does not stop the next; one summary table at the end:
+# Stages, each under its own `timeout`, each appending one JSON line to OUT_DIR/gpu_check.jsonl (with
+# its result and the tail of its log); a failing stage does not stop the next; one summary table at
+# the end (also OUT_DIR/summary.txt). Full logs: OUT_DIR/logs.tar.gz. Three files in all, so that a
+# runner that brings back only a few files from OUT_DIR gets everything.
 #   preflight        GPU, driver, Python, torch/CUDA/cuDNN/NCCL, which optional packages import
 #   model_*          `fdtrain bench model`, batch 32, 299 px, xception/fused/two_pass: bf16 and fp16,
 #                    channels_last vs contiguous, eager vs torch.compile
@@ -17,7 +19,7 @@
 #   decode           DALI mixed when DALI imports, else torchvision.io.decode_jpeg on CUDA (reason printed)
 #
 # Offline: packages fdtrain needs that the node lacks (webdataset, braceexpand) are installed from
-# the wheels `make gpu-bundle` put in gpu_bundle/ (pip --no-index, into OUT_DIR/site); nothing is
+# the wheels `make gpu-bundle` put in gpu_bundle/ (pip --no-index, into a temporary folder); nothing is
 # ever fetched. --cpu-dry-run runs the same machinery on a CPU with tiny sizes, skipping what needs
 # a GPU (with the reason). Environment: PYTHON, GPU_BUNDLE (gpu_bundle), GPU_CHECK_STAGES (comma
 # list, default all), GPU_CHECK_BUDGET (seconds for all stages, default 540: one 10-minute call).
@@ -28,13 +30,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SKIP_RC=77
 
 # ---- machinery (sourced by tests/test_gpu_check.py) ------------------------------------------
-# run_stage NAME LIMIT_S CMD...: run CMD under `timeout`, log to $OUT_DIR/NAME.log, append a JSON
+# run_stage NAME LIMIT_S CMD...: run CMD under `timeout`, log to $LOGS/NAME.log, append a JSON
 # line to $RESULTS. Status: ok (0), skipped (77, or the budget is spent), timeout (124/137), failed.
 run_stage() {
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET_END - $(date +%s)))
-    local log="$OUT_DIR/$name.log"
+    local log="${LOGS:-$OUT_DIR}/$name.log"
     if ((left < 15)); then
         echo "SKIP: the check's time budget (GPU_CHECK_BUDGET) is spent" >"$log"
         _record "$name" skipped "$SKIP_RC" 0 "$log"
@@ -76,8 +78,8 @@ for line in reversed(lines):
 reason = next((ln[5:].strip() for ln in lines if ln.startswith("SKIP:")), None)
 if reason is None and status != "ok":
     reason = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")[-300:]
-rec = {"stage": name, "status": status, "rc": int(rc), "seconds": float(secs), "log": log, "reason": reason,
-       "result": result}
+rec = {"stage": name, "status": status, "rc": int(rc), "seconds": float(secs), "reason": reason,
+       "result": result, "log": log.rsplit("/", 1)[-1], "log_tail": lines[-30:]}
 with open(results, "a") as f:
     f.write(json.dumps(rec) + "\n")
 EOF
@@ -125,7 +127,7 @@ EOF
 
 # ensure_offline_packages: install the bundle's wheels whose module does not import (no network).
 ensure_offline_packages() {
-    local bundle=${GPU_BUNDLE:-$REPO/gpu_bundle} site="$OUT_DIR/site" wheels=() whl mod
+    local bundle=${GPU_BUNDLE:-$REPO/gpu_bundle} site="${WORK:-$OUT_DIR}/site" wheels=() whl mod
     shopt -s nullglob
     for whl in "$bundle"/*.whl; do
         mod=$(basename "$whl" | cut -d- -f1 | tr '[:upper:]' '[:lower:]')
@@ -158,6 +160,9 @@ main() {
     OUT_DIR=$(cd "$OUT_DIR" && pwd)
     RESULTS="$OUT_DIR/gpu_check.jsonl"
     : >"$RESULTS"
+    WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
+    LOGS="$WORK/logs"
+    mkdir -p "$LOGS"
     BUDGET_END=$(($(date +%s) + ${GPU_CHECK_BUDGET:-540}))
     cd "$REPO" || exit 1
     if [[ -z "${PYTHON:-}" ]]; then
@@ -167,9 +172,9 @@ main() {
     # never the network: pip, Hugging Face and timm stay offline
     export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
     ensure_offline_packages
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT_DIR/nvidia-smi.txt" 2>&1 \
-        || echo "nvidia-smi: not available" >"$OUT_DIR/nvidia-smi.txt"
-    echo "gpu_check: $(head -n 1 "$OUT_DIR/nvidia-smi.txt"); results in $RESULTS"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$LOGS/nvidia-smi.txt" 2>&1 \
+        || echo "nvidia-smi: not available" >"$LOGS/nvidia-smi.txt"
+    echo "gpu_check: $(head -n 1 "$LOGS/nvidia-smi.txt"); results in $RESULTS"
 
     local fd=("$PYTHON" -m fdtrain) gc=("$PYTHON" -m fdtrain.bench.gpu_check)
     local dev=cuda b=32 s=299 steps=20 warm=5 tsteps=40 twarm=5 threads=8 skip_gpu=() dec=()
@@ -184,22 +189,21 @@ main() {
     stage_enabled preflight && run_stage preflight 90 "${gc[@]:0:3}" preflight "${gc[@]:3}"
     for prec in "${precisions[@]}"; do
         stage_enabled "model_${prec}_channels_last" && run_stage "model_${prec}_channels_last" 150 \
-            "${model[@]}" --precision "$prec" --memory-format channels_last --json "$OUT_DIR/model_${prec}_cl.json"
+            "${model[@]}" --precision "$prec" --memory-format channels_last
     done
     local p0=${precisions[0]}
     stage_enabled "model_${p0}_contiguous" && run_stage "model_${p0}_contiguous" 150 \
-        "${model[@]}" --precision "$p0" --memory-format contiguous --json "$OUT_DIR/model_nchw.json"
+        "${model[@]}" --precision "$p0" --memory-format contiguous
     if ((dry)); then
         stage_enabled "model_${p0}_compiled" && run_stage "model_${p0}_compiled" 10 bash -c \
             "echo 'SKIP: --cpu-dry-run: compile on the CPU is covered by tests/test_hot_path.py'; exit $SKIP_RC"
     else
         stage_enabled model_bf16_compiled && run_stage model_bf16_compiled 300 \
-            "${model[@]}" --precision bf16 --memory-format channels_last --models xception,fused --compile \
-            --json "$OUT_DIR/model_bf16_compiled.json"
+            "${model[@]}" --precision bf16 --memory-format channels_last --models xception,fused --compile
     fi
     stage_enabled train_torch && run_stage train_torch 300 "${fd[@]}" bench train --device "$dev" --backend torch \
         --batch-size "$b" --size "$s" --steps "$tsteps" --warmup "$twarm" --threads "$threads" \
-        --precision "${p0/fp32/no}" --json "$OUT_DIR/train_torch.json"
+        --precision "${p0/fp32/no}"
     local audit=(sync-audit "${gc[@]:3}" --size 128 --batch-size 16)  # syncs do not depend on the size
     stage_enabled sync_audit && run_stage sync_audit 180 "${gc[@]:0:3}" "${audit[@]}"
     stage_enabled sync_audit_paper && run_stage sync_audit_paper 180 "${gc[@]:0:3}" "${audit[@]}" \
@@ -211,7 +215,11 @@ main() {
             -m gpu tests/test_hot_path.py
     fi
     stage_enabled decode && run_stage decode 180 "${gc[@]:0:3}" decode "${gc[@]:3}" "${dec[@]}"
-    summary
+    local rc=0
+    summary | tee "$OUT_DIR/summary.txt" || rc=1
+    tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" logs
+    [[ -z "${GPU_CHECK_WORK:-}" ]] && rm -rf "$WORK"
+    return $rc
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def test_cpu_dry_run_runs_a_real_stage_and_skips_gpu_ones_with_a_reason(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {r["stage"]: r for r in map(json.loads, (tmp_path / "gpu_check.jsonl").read_text().splitlines())}
     assert rows["decode"]["status"] == "ok" and rows["decode"]["result"]["images_per_s"] > 0
-    assert "stand-in" in (tmp_path / "decode.log").read_text()
+    assert any("stand-in" in line for line in rows["decode"]["log_tail"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.jsonl", "logs.tar.gz", "summary.txt"]
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:
+        assert {"logs/decode.log", "logs/fp16_nonfinite.log", "logs/nvidia-smi.txt"} <= set(tar.getnames())
     assert rows["fp16_nonfinite"]["status"] == "skipped" and "CUDA" in rows["fp16_nonfinite"]["reason"]
     assert "2 stages: 1 ok, 1 skipped, 0 failed" in proc.stdout

@@ -80,6 +80,14 @@ def preflight(args: argparse.Namespace) -> int:
             info["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
         except Exception as e:  # noqa: BLE001 - report, do not fail the preflight on it
             info["nccl"] = f"unavailable ({e})"
+    try:
+        import subprocess
+
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        info["nvidia_smi"] = f"unavailable ({e.__class__.__name__})"
     for k, v in info.items():
         if k != "packages":
             print(f"{k:>16}: {v}")
