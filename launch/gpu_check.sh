@@ -178,7 +178,8 @@ main() {
 
     local fd=("$PYTHON" -m fdtrain) gc=("$PYTHON" -m fdtrain.bench.gpu_check)
     local dev=cuda b=32 s=299 steps=20 warm=5 tsteps=40 twarm=5 threads=8 skip_gpu=() dec=()
-    if ((dry)); then  # the same commands, tiny and on the CPU
+    if ((dry)); then  # the same commands, tiny and on the CPU (one thread: a shared CPU stalls on more)
+        export OMP_NUM_THREADS=1
         dev=cpu b=2 s=64 steps=1 warm=0 tsteps=2 twarm=1 threads=1 dec=(--size 64 --batch-size 8 --rounds 1)
         skip_gpu=(bash -c "echo 'SKIP: --cpu-dry-run: needs a CUDA GPU'; exit $SKIP_RC")
         gc+=(--cpu-dry-run)
