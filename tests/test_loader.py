@@ -103,6 +103,27 @@ def test_gated_noise_exact_and_deterministic(channels_last):
     assert loader_mod.add_gated_noise(x, 0.0, 0.5, torch.Generator()) is x  # nothing gated: no copy
 
 
+def test_buffer_pool_reuses_only_unreferenced_buffers():
+    pool = loader_mod.BufferPool(size=2)
+    x = torch.zeros(2, 3, 8, 8)
+    a = pool.empty_like(x)
+    a_ptr = a.data_ptr()
+    view = a[1]  # a view alone keeps the buffer taken
+    del a
+    b = pool.empty_like(x)
+    assert b.data_ptr() != a_ptr
+    del view
+    c = pool.empty_like(x)
+    assert c.data_ptr() == a_ptr  # nothing sees it any more: handed out again
+    d = pool.empty_like(x)  # pool full and both taken: a fresh, unpooled buffer
+    assert len({b.data_ptr(), c.data_ptr(), d.data_ptr()}) == 3
+    assert pool.empty_like(x.to(torch.bfloat16)).dtype == torch.bfloat16  # not pooled, still right
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):  # DALI hands out channels_last
+        assert pool.empty_like(layout).stride() == layout.stride()
+        noisy = loader_mod.add_gated_noise(layout, 0.5, 0.5, torch.Generator().manual_seed(0), pool)
+        assert torch.equal(noisy, loader_mod.add_gated_noise(x, 0.5, 0.5, torch.Generator().manual_seed(0)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_output_is_unflipped_and_noiseless(data, backend):
     cfg = small_cfg(data["train"], data["val"], flip_p=1.0, noise_p=1.0, noise_std=0.5)
