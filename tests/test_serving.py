@@ -66,7 +66,7 @@ def test_onnx_predict_matches_pytorch_predict_without_torch(served):
     for k, v in video_t["frame_scores"].items():
         assert video_o["frame_scores"][k] == pytest.approx(v, abs=1e-6)
     scores = [r["score"] for r in torch_recs]
-    assert max(scores) - min(scores) > 0.01  # distinct inputs score differently: no constant passes
+    assert max(scores) - min(scores) > 1e-3  # distinct inputs score differently: no constant passes
 
 
 def test_onnx_predict_errors_name_the_file(served, tmp_path):
