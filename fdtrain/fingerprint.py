@@ -13,15 +13,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from fdtrain.data.shards import sha256_file  # torch-free; the shard writer owns file hashing
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_state(repo: str | os.PathLike = REPO) -> dict[str, Any]:
