@@ -159,23 +159,23 @@ def test_rebuilt_schedule_continues_from_the_samples_seen():
 
 
 def test_print_schedule_gives_the_readme_worked_example(capsys):
-    """README "Scaling": 1 x batch 32 -> 8 x batch 64 per GPU, FF++ c23 (46,080 samples per epoch)."""
+    """README "Scaling": 1 x batch 32 -> 8 x batch 64 per GPU, FF++ c23 (115,200 samples per epoch)."""
     from pathlib import Path
 
     from fdtrain.cli import main
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "paper" / "ffpp_c23.yaml"
-    base = ["train", str(recipe), "--print-schedule", "--train-samples", "46080"]
+    base = ["train", str(recipe), "--print-schedule", "--train-samples", "115200"]
     assert main([*base, "--processes", "1"]) == 0
     one = capsys.readouterr().out
-    assert "1440 optimizer steps/epoch, 43200 in all" in one and "peak lr 2.000e-04" in one
-    assert "warmup 10000 -> 10000 steps = 6.94 epochs" in one
+    assert "3600 optimizer steps/epoch, 108000 in all" in one and "peak lr 2.000e-04" in one
+    assert "warmup 10000 -> 10000 steps = 2.78 epochs" in one
     assert main([*base, "--processes", "8", "--data.batch_size=64", "--optim.lr_scaling=sqrt"]) == 0
     eight = capsys.readouterr().out
     assert "global batch 512 = 64 per process x 8 process(es)" in eight
-    assert "90 optimizer steps/epoch, 2700 in all (30.00 epochs)" in eight and "peak lr 8.000e-04" in eight
-    assert "warmup 10000 -> 625 steps = 6.94 epochs" in eight
-    assert "x0.9 every 3000 -> 187.5 steps = 2.08 epochs" in eight
-    s = Schedule(OptimConfig(lr_scaling="sqrt"), 512, 2700)
-    decays = [k + 1 for k in range(1, 2700) if s.lr(k) < s.lr(k - 1)]
+    assert "225 optimizer steps/epoch, 6750 in all (30.00 epochs)" in eight and "peak lr 8.000e-04" in eight
+    assert "warmup 10000 -> 625 steps = 2.78 epochs" in eight
+    assert "x0.9 every 3000 -> 187.5 steps = 0.83 epochs" in eight
+    s = Schedule(OptimConfig(lr_scaling="sqrt"), 512, 6750)
+    decays = [k + 1 for k in range(1, 6750) if s.lr(k) < s.lr(k - 1)]
     assert decays[:3] == [1251, 1438, 1626]  # the updates the README names
