@@ -29,22 +29,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 
 
 def _load(spec: str):
-    """The module object and prefix for ``module:prefix``; None when the module is not built yet."""
+    """``(add_arguments, run)`` of ``module:prefix``. Every command is built: a module or function
+    that fails to import is a bug, raised here rather than hidden behind a placeholder."""
     mod_name, prefix = spec.split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
-            return None, prefix
-        raise
-    if not hasattr(mod, f"add_{prefix}_arguments") or not hasattr(mod, f"run_{prefix}"):
-        return None, prefix
-    return mod, prefix
-
-
-def _not_built(args: argparse.Namespace) -> int:
-    print(f"fdtrain {args._cmd}: not built yet in this version of fdtrain.", file=sys.stderr)
-    return 2
+    mod = importlib.import_module(mod_name)
+    return getattr(mod, f"add_{prefix}_arguments"), getattr(mod, f"run_{prefix}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,14 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
             holder = groups[path[0]]
         else:
             holder = sub
-        mod, prefix = _load(spec)
-        p = holder.add_parser(path[-1], help=help_ + ("" if mod else " [not built yet]"), description=help_)
-        if mod is None:
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-            p.set_defaults(_run=_not_built, _cmd=" ".join(path))
-        else:
-            getattr(mod, f"add_{prefix}_arguments")(p)
-            p.set_defaults(_run=getattr(mod, f"run_{prefix}"), _cmd=" ".join(path))
+        add_arguments, run = _load(spec)
+        p = holder.add_parser(path[-1], help=help_, description=help_)
+        add_arguments(p)
+        p.set_defaults(_run=run, _cmd=" ".join(path))
     return parser
 
 

@@ -109,3 +109,18 @@ def test_find_sets_picks_split_folders(tmp_path):
     assert find_sets(tmp_path / "test", "in_domain") == {"in_domain": tmp_path / "test"}
     with pytest.raises(FileNotFoundError, match="val"):
         find_sets(tmp_path, "test,val")
+
+
+def test_evaluate_reads_the_model_file_once(trained, monkeypatch):
+    """model.pt has one reader (fdtrain.engine.checkpoint.load_model_file): `fdtrain evaluate` reads
+    the weights, config and step from one load."""
+    import torch
+
+    from fdtrain.engine.evaluate import evaluate_checkpoint
+
+    data, run_dir = trained
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(str(f)) or real_load(f, *a, **k))
+    report = evaluate_checkpoint(run_dir, data / "test", max_batches=1, device="cpu")
+    assert [f for f in loads if f.endswith("model.pt")] == [report["checkpoint"]]
+    assert report["step"] > 0 and report["results"]["test"]["frame"]["n"] > 0

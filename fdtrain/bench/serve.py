@@ -52,10 +52,9 @@ def run_bench(args: argparse.Namespace) -> int:
         checkpoint = args.checkpoint or _random_model(Path(tmp), args.variant, args.size)
         onnx_path = Path(tmp) / "model.onnx"
         side = export(checkpoint, "onnx", onnx_path)
-        from fdtrain.engine.checkpoint import resolve_model_file
         from fdtrain.inference import load_model
 
-        model, cfg = load_model(resolve_model_file(checkpoint))
+        model, cfg = load_model(checkpoint)
         opts = PredictOptions(batch_size=args.batch_size)
         paths = {"pytorch": Predictor(TorchLogits(model, device), cfg.model.input_size, opts),
                  "onnxruntime": Predictor(OnnxModel(onnx_path, device=str(device.type), threads=threads),
@@ -92,15 +91,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _random_model(folder: Path, variant: str, size: int) -> Path:
     """A model.pt of a randomly initialised model (fdtrain's model file format)."""
-    import torch
-
     from fdtrain.config import resolve
-    from fdtrain.engine.checkpoint import MODEL_FORMAT
+    from fdtrain.engine.checkpoint import write_model_file
     from fdtrain.models import create_model_from_config
 
     cfg = resolve(None, {"model": {"variant": variant, "input_size": size, "pretrained": False}})
     model = create_model_from_config(cfg.model).eval()
     path = folder / "model.pt"
-    torch.save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "state_dict": model.state_dict(), "step": 0,
-                "epoch": 0, "metrics": {}}, path)
+    write_model_file(path, config=cfg.to_dict(), state_dict=model.state_dict(), step=0, epoch=0, metrics={})
     return path

@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +129,38 @@ def load_file(f: str | os.PathLike, *, mmap: bool = False) -> Any:
         raise CheckpointError(f"{f}: unreadable ({size} bytes): truncated or not a torch file ({first})") from None
 
 
-def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The model.pt dict, read with ``weights_only`` (plain tensors and Python values only)."""
+@dataclass
+class ModelFile:
+    """The contents of one ``model.pt``: fp32 weights with the plain model's keys and the config
+    that rebuilds the model (fdtrain.inference.model_from_file); ``path`` is the file read."""
+
+    path: Path
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    step: int | None = None
+    epoch: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def write_model_file(path: str | os.PathLike, *, config: dict, state_dict: dict[str, torch.Tensor], step: int,
+                     epoch: int, metrics: dict) -> None:
+    """The one writer of ``model.pt`` (checkpoints, and any tool that makes a model file)."""
+    torch.save(plain({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
+                      "epoch": epoch, "metrics": metrics}), Path(path))
+
+
+def load_model_file(path: str | os.PathLike) -> ModelFile:
+    """The one reader of ``model.pt``: a file, a checkpoint folder, a checkpoints/ folder or a run
+    folder (see :func:`resolve_model_file`), read with ``weights_only`` (tensors and plain values)."""
     f = resolve_model_file(path)
     blob = load_file(f, mmap=True)
-    missing = [k for k in ("config", "state_dict", "step") if not isinstance(blob, dict) or k not in blob]
-    if missing:
-        raise CheckpointError(f"{f}: not an fdtrain model file (missing {missing})")
-    return blob
+    for key in ("config", "state_dict"):
+        if not isinstance(blob, dict) or key not in blob:
+            have = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__
+            raise CheckpointError(f"{f}: not an fdtrain model file: no '{key}' entry (has {have}); "
+                                  "fdtrain writes model.pt with its config and weights")
+    return ModelFile(f, blob["config"], blob["state_dict"], blob.get("step"), blob.get("epoch"),
+                     blob.get("metrics") or {})
 
 
 def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -150,7 +175,7 @@ def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{meta_file}: unreadable ({e})") from None
     if isinstance(meta.get("config"), dict):
         return meta["config"]
-    return load_model_file(path / "model.pt")["config"]
+    return load_model_file(path / "model.pt").config
 
 
 def consolidate_deepspeed(ds_dir: str | os.PathLike, tag: str = DS_TAG) -> dict[str, torch.Tensor]:
@@ -259,9 +284,8 @@ class Checkpointer:
 
         with self._all_ranks(tmp):
             if acc.is_main_process:
-                state_dict = self._plain_state_dict(model, tmp)
-                torch.save(plain({"format": MODEL_FORMAT, "config": config, "state_dict": state_dict, "step": step,
-                                  "epoch": epoch, "metrics": metrics}), tmp / "model.pt")
+                write_model_file(tmp / "model.pt", config=config, state_dict=self._plain_state_dict(model, tmp),
+                                 step=step, epoch=epoch, metrics=metrics)
                 meta = {"step": step, "epoch": epoch, "metrics": metrics, "world_size": acc.num_processes,
                         "deepspeed": self.is_deepspeed, "config": config}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
@@ -371,8 +395,7 @@ class Checkpointer:
             model.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
                                   load_lr_scheduler_states=False)
         else:
-            blob = load_file(path / "model.pt")
-            self.acc.unwrap_model(model, keep_torch_compile=False).load_state_dict(blob["state_dict"])
+            self._load_plain_weights(model, path)
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler = getattr(self.acc, "scaler", None)
@@ -390,6 +413,23 @@ class Checkpointer:
                         "restarts at the saved epoch", path, meta.get("world_size"), self.acc.num_processes)
         return {"step": state["step"], "epoch": state["epoch"], "trainer": state.get("trainer", {}),
                 "loader": loader_state}
+
+
+    def load_weights(self, model, path: str | os.PathLike) -> None:
+        """A checkpoint's weights (not its optimizer state) into the live model: the best weights
+        for the final evaluation. Every rank calls it."""
+        if self.is_deepspeed:
+            model.load_checkpoint(str(Path(path) / "deepspeed"), tag=DS_TAG, load_module_only=True,
+                                  load_optimizer_states=False, load_lr_scheduler_states=False)
+        else:
+            self._load_plain_weights(model, path)
+
+    def _load_plain_weights(self, model, path: str | os.PathLike) -> None:
+        try:
+            weights = load_model_file(Path(path) / "model.pt").state_dict
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+        self.acc.unwrap_model(model, keep_torch_compile=False).load_state_dict(weights)
 
 
 def _broadcast(acc, value: Any) -> Any:

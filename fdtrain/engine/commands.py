@@ -33,14 +33,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if args.print_schedule:
         return _print_schedule(cfg, args)
-    try:
-        from fdtrain.engine.trainer import train
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("fdtrain"):
-            print("fdtrain train: the training engine is not built yet; the recipe resolved fine.", file=sys.stderr)
-            return 2
-        raise
     from fdtrain.data import DataError
+    from fdtrain.engine.trainer import train
 
     try:
         return train(cfg)

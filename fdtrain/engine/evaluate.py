@@ -153,12 +153,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     same evaluation the trainer does.
     """
     from fdtrain.data import build_loader
-    from fdtrain.engine.checkpoint import load_model_file, resolve_model_file
-    from fdtrain.inference import load_model
+    from fdtrain.engine.checkpoint import load_model_file
+    from fdtrain.inference import model_from_file
 
-    model_file = resolve_model_file(checkpoint)
-    model, cfg = load_model(model_file)
-    blob = load_model_file(model_file)
+    mf = load_model_file(checkpoint)  # read once: the weights, the config and the step
+    model, cfg = model_from_file(mf)
     if batch_size:
         cfg.data.eval_batch_size = batch_size
     if backend:
@@ -185,8 +184,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
             if callable(getattr(loader, "close", None)):
                 loader.close()
         results[set_name] = res.metrics
-    fp = checkpoint_fingerprint(model_file, blob["config"], find_sets(data, name)) if rank == 0 else None
-    return {"checkpoint": str(model_file), "step": blob.get("step"), "run": cfg.run.name,
+    fp = checkpoint_fingerprint(mf.path, mf.config, find_sets(data, name)) if rank == 0 else None
+    return {"checkpoint": str(mf.path), "step": mf.step, "run": cfg.run.name,
             "input_size": cfg.model.input_size, "threshold": threshold, "results": results,
             "fingerprint": fp, "is_main_process": rank == 0}
 

@@ -144,12 +144,11 @@ def predict_paths(checkpoint: str | os.PathLike, paths: list[str], opts: Predict
     else:
         import torch
 
-        from fdtrain.engine.checkpoint import resolve_model_file
         from fdtrain.inference import load_model
 
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
-        model, cfg = load_model(resolve_model_file(checkpoint))
+        model, cfg = load_model(checkpoint)
         predictor = Predictor(TorchLogits(model, dev), cfg.model.input_size, opts)
     for p in expand_inputs(paths):
         yield predictor.predict(p)

@@ -387,17 +387,17 @@ def _run(args: argparse.Namespace, conds: list[tuple[str, int]]) -> int:
     import torch
 
     from fdtrain.data import DataError
-    from fdtrain.engine.checkpoint import load_model_file, resolve_model_file
+    from fdtrain.engine.checkpoint import load_model_file
     from fdtrain.engine.evaluate import write_json
-    from fdtrain.inference import load_model
+    from fdtrain.inference import model_from_file
 
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
         raise DataError(f"--data {data}: no manifest.json here (give one split folder written by "
                         "`fdtrain shards make`)")
-    model_file = resolve_model_file(args.checkpoint)
-    model, cfg = load_model(model_file)
-    step = load_model_file(model_file).get("step") or 0
+    mf = load_model_file(args.checkpoint)
+    model, cfg = model_from_file(mf)
+    model_file, step = mf.path, mf.step or 0
     if args.batch_size:
         cfg.data.eval_batch_size = args.batch_size
     if args.backend:
@@ -429,7 +429,7 @@ def _run(args: argparse.Namespace, conds: list[tuple[str, int]]) -> int:
     from fdtrain.engine.evaluate import checkpoint_fingerprint  # what made these numbers (fdtrain.fingerprint)
 
     write_json(out / "fingerprint.json",
-               checkpoint_fingerprint(model_file, load_model_file(model_file)["config"], {set_name: data}))
+               checkpoint_fingerprint(model_file, mf.config, {set_name: data}))
     files.append(out / "fingerprint.json")
     if args.save_scores:
         scores = {CLEAN: {"keys": list(res.clean.keys), "scores": res.clean.scores.tolist()}}

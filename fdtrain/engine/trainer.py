@@ -634,7 +634,7 @@ class Trainer:
         best = best_checkpoint(self.run_dir / "checkpoints") if cfg.checkpoint.keep_best else None
         evaluated = f"step-{self.step:08d} (final weights)"
         if best is not None and self.best is not None and self.best["step"] != self.step:
-            self._load_weights(best)
+            self.ckpt.load_weights(self.model, best)
             evaluated = f"{best.name} (best by {cfg.eval.select_on} {cfg.eval.level} {cfg.eval.metric})"
         elif best is not None:
             evaluated = f"{best.name} (best, = final weights)"
@@ -706,17 +706,6 @@ class Trainer:
         if len({(r["step"], r["param_checksum"]) for r in ranks}) > 1:
             log.warning("ranks disagree on steps or weights at the end of training: %s", ranks)
         return ranks
-
-    def _load_weights(self, ckpt: Path) -> None:
-        """Best weights into the live model, for the final evaluation."""
-        if self.deepspeed:
-            self.model.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_only=True,
-                                       load_optimizer_states=False, load_lr_scheduler_states=False)
-        else:
-            from fdtrain.engine.checkpoint import load_file
-
-            blob = load_file(ckpt / "model.pt")
-            self.acc.unwrap_model(self.model, keep_torch_compile=False).load_state_dict(blob["state_dict"])
 
     # ---- misc --------------------------------------------------------------------------------
     def _say(self, text: str) -> None:
