@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fdtrain.data.shards import sha256_file  # torch-free; the shard writer owns file hashing
+from fdtrain.data.format import sha256_file  # torch-free; the shard writer owns file hashing
 
 REPO = Path(__file__).resolve().parents[1]
 

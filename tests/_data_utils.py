@@ -57,7 +57,7 @@ def noise_frames(n: int = 6, size: int = 128, seed: int = 0) -> list[np.ndarray]
 
 
 def write_video(path: Path, frames: list[np.ndarray], codec: str = "mpeg4") -> Path:
-    from fdtrain.data.video import write_test_video
+    from fdtrain.data.prep.video import write_test_video
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_test_video(path, frames, codec=codec)
@@ -168,7 +168,7 @@ def make_synth_shards(tmp_path: Path, videos: int = 8, frames: int = 2, size: in
 
     tree, out = tmp_path / "synth_tree", tmp_path / "synth_shards"
     if not (tree / "synth.json").exists():
-        from fdtrain.data.synth import write_benchmark
+        from fdtrain.data.prep.synth import write_benchmark
 
         write_benchmark(tree, videos=videos, frames=frames, size=size, seed=seed, workers=1)
     args = ["shards", "make", "--source", "synth", "--root", str(tree), "--out", str(out), "--methods", methods,
@@ -180,7 +180,7 @@ def make_synth_shards(tmp_path: Path, videos: int = 8, frames: int = 2, size: in
 
 def read_split(split_dir: Path) -> dict[str, dict]:
     """{key: {"image": bytes, "ext", "cls": int, "json": dict}} of every sample of a split folder."""
-    from fdtrain.data.shards import IMAGE_EXTS, iter_tar_samples
+    from fdtrain.data.format import IMAGE_EXTS, iter_tar_samples
 
     out = {}
     for tar in sorted(Path(split_dir).glob("shard-*.tar")):

@@ -1,6 +1,6 @@
 """Shared helpers of the engine tests: learnable shards, configs, launching real processes.
 
-The shards are written with the real shard writer (fdtrain.data.shards.write_split: tar + DALI
+The shards are written with the real shard writer (fdtrain.data.format.write_split: tar + DALI
 index + manifest). Real crops are smooth colour fields with grain; fakes are the same with a faint
 checkerboard blended into the centre (a high-frequency trace, like an upsampling artefact), so a
 64-px FakeDiffer separates them within a few dozen steps on a CPU.
@@ -40,7 +40,7 @@ def _crop(rng: np.random.Generator, size: int, fake: bool) -> bytes:
 
 def write_easy_split(out: str | Path, n_videos: int, n_shards: int, *, split: str, seed: int, size: int = 64) -> Path:
     """``n_videos`` videos (half real, half fake) x 4 frames, shuffled across ``n_shards`` shards."""
-    from fdtrain.data.shards import Sample, write_split
+    from fdtrain.data.format import Sample, write_split
 
     rng = np.random.default_rng(seed)
     samples = []

@@ -4,7 +4,7 @@
 ``<key>.cls`` "0"/"1", ``<key>.json``), the DALI index of each tar with the ``wds2idx`` module of
 the DALI wheel, and ``manifest.json``. Images are smooth random colour fields plus grain, JPEG q90,
 so they compress like face crops and every sample differs. (It can switch to the shard writer of
-``fdtrain.data.shards`` once that is settled; the format is the same.)
+``fdtrain.data.format`` once that is settled; the format is the same.)
 """
 from __future__ import annotations
 

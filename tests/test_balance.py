@@ -31,7 +31,7 @@ def _cfg(split, backend, balance, seed=3, **kw):
 
 def _selected_keys(loader):
     """(key, label) of every sample of the loader's current selection, read from its index files."""
-    from fdtrain.data.loader import sample_key
+    from fdtrain.data.format import sample_key
 
     out = []
     for idx in loader.shards.indexes:

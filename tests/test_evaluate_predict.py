@@ -79,7 +79,7 @@ def test_predict_images_scores_match_the_loader_path(trained, tmp_path):
 def test_predict_video_crops_faces_and_averages_frames(trained, tmp_path):
     from skimage import data as skdata
 
-    from fdtrain.data.video import write_test_video
+    from fdtrain.data.prep.video import write_test_video
 
     _, run_dir = trained
     face = skdata.astronaut()  # 512x512, one frontal face that dlib's HOG detector finds

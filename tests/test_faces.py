@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from fdtrain.data.faces import DlibHog, JsonBoxes, crop_face, make_detector, pick_face, square_box
-from fdtrain.data.video import read_video_frames, uniform_indices
+from fdtrain.data.prep.faces import DlibHog, JsonBoxes, crop_face, make_detector, pick_face, square_box
+from fdtrain.data.prep.video import read_video_frames, uniform_indices
 from tests._data_utils import ASTRONAUT_FACE, astronaut, write_video
 
 

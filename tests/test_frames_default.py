@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from fdtrain.data.commands import default_frames
-from fdtrain.data.ingest import CropOptions
-from fdtrain.data.video import FRAMES_PER_VIDEO
+from fdtrain.data.prep.commands import default_frames
+from fdtrain.data.prep.ingest import CropOptions
+from fdtrain.data.prep.video import FRAMES_PER_VIDEO
 from fdtrain.engine.commands import add_predict_arguments
 from fdtrain.engine.predict import PredictOptions
 

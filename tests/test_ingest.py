@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fdtrain.data.sources.celebdf import read_test_list
-from fdtrain.data.video import uniform_indices
+from fdtrain.data.prep.sources.celebdf import read_test_list
+from fdtrain.data.prep.video import uniform_indices
 from tests._data_utils import (
     CELEBDF_TEST_LIST,
     CELEBDF_VIDEOS,
@@ -87,7 +87,7 @@ def test_ffpp_holdout_test_folders(ffpp_shards):
 
 
 def test_ffpp_crops_are_square_faces_of_the_asked_size(ffpp_shards):
-    from fdtrain.data.video import load_rgb
+    from fdtrain.data.prep.video import load_rgb
 
     for s in list(read_split(ffpp_shards / "val").values())[:4]:
         assert load_rgb(s["image"]).shape == (64, 64, 3)

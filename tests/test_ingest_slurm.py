@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fdtrain.data.synth import write_benchmark
+from fdtrain.data.prep.synth import write_benchmark
 from tests._data_utils import shards_make
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from fdtrain.data import DataError, build_loader
-from fdtrain.data import loader as loader_mod
+from fdtrain.data import DataError, augment, build_loader
+from fdtrain.data.loading import build as build_mod
 from tests._loader_utils import sample_keys, small_cfg, write_split
 
 BACKENDS = ["dali", "torch"]
@@ -57,7 +57,7 @@ def test_train_flip_rate_and_gated_noise_eval_clean(data, backend):
         for step, b in enumerate(loader):
             assert set(b) == {"x", "x_noisy", "label", "key"}
             # both backends hand X to the one shared noise function, seeded per (seed, epoch, rank, step)
-            again = loader_mod.add_gated_noise(b["x"], 0.5, 0.1, loader.noise_generator(epoch, step))
+            again = augment.add_gated_noise(b["x"], 0.5, 0.1, loader.noise_generator(epoch, step))
             assert torch.equal(again, b["x_noisy"])
             for k, x, xn in zip(b["key"], b["x"], b["x_noisy"]):
                 n += 1
@@ -88,8 +88,8 @@ def test_gated_noise_exact_and_deterministic(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     before = x.clone()
     for std in (1e-6, 0.5):
-        out = loader_mod.add_gated_noise(x, 0.5, std, torch.Generator().manual_seed(7))
-        assert torch.equal(out, loader_mod.add_gated_noise(x, 0.5, std, torch.Generator().manual_seed(7)))
+        out = augment.add_gated_noise(x, 0.5, std, torch.Generator().manual_seed(7))
+        assert torch.equal(out, augment.add_gated_noise(x, 0.5, std, torch.Generator().manual_seed(7)))
         assert torch.equal(x, before) and out.stride() == x.stride()
         g = torch.Generator().manual_seed(7)
         gate = torch.rand(8, generator=g) < 0.5
@@ -97,14 +97,14 @@ def test_gated_noise_exact_and_deterministic(channels_last):
         noise = torch.stack([torch.randn((3, 24, 24), generator=g) for _ in range(int(gate.sum()))])  # row by row
         assert torch.equal(out[gate], (x[gate] + noise * std).clamp(-1, 1))
         assert torch.equal(out[~gate], x[~gate])
-    tiny = loader_mod.add_gated_noise(x, 1.0, 1e-6, torch.Generator().manual_seed(1))
+    tiny = augment.add_gated_noise(x, 1.0, 1e-6, torch.Generator().manual_seed(1))
     moved = (tiny - x).abs()
     assert (moved > 0).float().mean() > 0.9 and moved.max() < 1e-5
-    assert loader_mod.add_gated_noise(x, 0.0, 0.5, torch.Generator()) is x  # nothing gated: no copy
+    assert augment.add_gated_noise(x, 0.0, 0.5, torch.Generator()) is x  # nothing gated: no copy
 
 
 def test_buffer_pool_reuses_only_unreferenced_buffers():
-    pool = loader_mod.BufferPool(size=2)
+    pool = augment.BufferPool(size=2)
     x = torch.zeros(2, 3, 8, 8)
     a = pool.empty_like(x)
     a_ptr = a.data_ptr()
@@ -120,8 +120,8 @@ def test_buffer_pool_reuses_only_unreferenced_buffers():
     assert pool.empty_like(x.to(torch.bfloat16)).dtype == torch.bfloat16  # not pooled, still right
     for layout in (x, x.contiguous(memory_format=torch.channels_last)):  # DALI hands out channels_last
         assert pool.empty_like(layout).stride() == layout.stride()
-        noisy = loader_mod.add_gated_noise(layout, 0.5, 0.5, torch.Generator().manual_seed(0), pool)
-        assert torch.equal(noisy, loader_mod.add_gated_noise(x, 0.5, 0.5, torch.Generator().manual_seed(0)))
+        noisy = augment.add_gated_noise(layout, 0.5, 0.5, torch.Generator().manual_seed(0), pool)
+        assert torch.equal(noisy, augment.add_gated_noise(x, 0.5, 0.5, torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,7 +199,7 @@ def test_backend_choice_is_logged_and_fallback_is_automatic(data, monkeypatch, c
     cfg = small_cfg(data["train"], data["val"])
     with caplog.at_level(logging.INFO, logger="fdtrain.data"):
         assert build_loader(cfg, "val").backend == "dali"
-        monkeypatch.setattr(loader_mod, "dali_available", lambda: False)
+        monkeypatch.setattr(build_mod, "dali_available", lambda: False)
         assert build_loader(cfg, "val").backend == "torch"
     lines = [r.getMessage() for r in caplog.records if "backend=" in r.getMessage()]
     assert len(lines) == 2 and "DALI is not installed: PyTorch fallback" in lines[1]

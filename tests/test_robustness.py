@@ -203,8 +203,8 @@ def swept(tmp_path_factory):
 
 
 def _keys(data: Path) -> list[str]:
-    from fdtrain.data.loader import open_shards
-    from fdtrain.data.sweep_stream import catalog
+    from fdtrain.data.format import open_shards
+    from fdtrain.data.loading.sweep_stream import catalog
 
     return sorted(e.key for e in catalog(open_shards(str(data), "test", need_index=False)))
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fdtrain.data import shards as sh
-from fdtrain.data.verify import verify
+from fdtrain.data import format as sh
+from fdtrain.data.prep.verify import verify
 from tests._data_utils import make_synth_shards, read_split
 
 
@@ -79,14 +79,59 @@ def test_write_split_layout_manifest_and_samples(written):
 
 
 def test_index_equals_wds2idx(written, tmp_path):
+    """The writer's index, the one built for a tar without one (format.build_index) and wds2idx's agree."""
+    d, _, _ = written
+    for tar in sorted(d.glob("*.tar")):
+        built = tmp_path / (tar.stem + ".built.idx")
+        sh.build_index(tar, built)
+        assert built.read_text() == sh.index_path(tar).read_text()
     wds2idx = shutil.which("wds2idx") or str(Path(sys.executable).parent / "wds2idx")
     if not Path(wds2idx).exists():
         pytest.skip("DALI's wds2idx is not installed (pip install fdtrain[dali])")
-    d, _, _ = written
     for tar in sorted(d.glob("*.tar")):
         ref = tmp_path / (tar.stem + ".ref.idx")
         subprocess.run([wds2idx, str(tar), str(ref)], check=True, capture_output=True)
-        assert tar.with_suffix(".idx").read_text() == ref.read_text()
+        assert sh.index_path(tar).read_text() == ref.read_text()
+
+
+def test_build_index_of_a_foreign_tar_matches_wds2idx(tmp_path):
+    """A tar written by another tool (a directory entry, a dot file, GNU format) indexes as wds2idx
+    indexes it; a member without an extension is left out; an empty or unreadable tar names itself."""
+    def write(path: Path, members: list) -> Path:
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                    tf.addfile(info)
+                else:
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        return path
+
+    members = [("d/", None), ("d/a.jpg", b"x" * 700), ("d/a.cls", b"1"), ("d/.hidden", b"h"),
+               ("d/b.jpg", b"y" * 10), ("d/b.cls", b"0")]
+    tar = write(tmp_path / "foreign.tar", members)
+    sh.build_index(tar, tmp_path / "foreign.idx")
+    lines = sh.read_index(tmp_path / "foreign.idx")
+    assert [sh.line_key(x) for x in lines] == ["d/a", "d/b"]
+    assert [m[0] for m in sh.parse_index_line(lines[0])] == ["jpg", "cls"]
+    with open(tar, "rb") as fh:
+        assert sh.read_member(fh, sh.parse_index_line(lines[0])[0], str(tar), "foreign.idx") == b"x" * 700
+    wds2idx = shutil.which("wds2idx") or str(Path(sys.executable).parent / "wds2idx")
+    if Path(wds2idx).exists() and shutil.which("tar"):
+        subprocess.run([wds2idx, str(tar), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+        assert (tmp_path / "foreign.idx").read_text() == (tmp_path / "ref.idx").read_text()
+    odd = write(tmp_path / "odd.tar", [*members, ("README", b"r")])
+    sh.build_index(odd, tmp_path / "odd.idx")
+    assert sh.read_index(tmp_path / "odd.idx") == lines
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    with pytest.raises(sh.DataError, match="empty.tar: cannot index"):
+        sh.build_index(empty, tmp_path / "empty.idx")
+    (tmp_path / "junk.tar").write_bytes(b"\x01" * 1500)
+    with pytest.raises(sh.DataError, match="junk.tar: cannot index"):
+        sh.build_index(tmp_path / "junk.tar", tmp_path / "junk.idx")
 
 
 def test_dali_reads_shards_with_index(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fdtrain.cli import main
-from fdtrain.data import synth
+from fdtrain.data.prep import synth
 from tests._data_utils import read_split
 
 VIDEOS, FRAMES, SIZE = 12, 2, 48

@@ -58,7 +58,7 @@ def make_bench_data(out: Path, n: int, image_size: int, seed: int = 0) -> Path:
     import numpy as np
     from PIL import Image
 
-    from fdtrain.data.shards import Sample, plan_shards, write_split
+    from fdtrain.data.format import Sample, plan_shards, write_split
 
     rng = np.random.default_rng(seed)
 
@@ -81,13 +81,13 @@ def make_bench_data(out: Path, n: int, image_size: int, seed: int = 0) -> Path:
 
 def loose_files(shards: Path, out: Path) -> list[tuple[str, int]]:
     """The shards' images as one file per sample (what the naive baseline reads): (path, label)."""
-    from fdtrain.data.shards import iter_tar_samples, read_manifest
+    from fdtrain.data.format import IMAGE_EXTS, iter_tar_samples, read_manifest
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for entry in read_manifest(shards)["shards"]:
         for _key, parts in iter_tar_samples(shards / entry["name"]):
-            ext = "jpg" if "jpg" in parts else "png"
+            ext = next(e for e in IMAGE_EXTS if e in parts)
             path = out / f"{len(files):07d}.{ext}"
             path.write_bytes(parts[ext])
             files.append((str(path), int(parts["cls"])))
@@ -174,7 +174,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from fdtrain.config import from_dict
-    from fdtrain.data.loader import dali_available
+    from fdtrain.data.loading import dali_available
 
     cores = os.cpu_count() or 1
     threads = args.threads or cores

@@ -36,8 +36,8 @@ def _make_clips(folder: Path, n: int, frames: int) -> list:
     """``n`` 640x480 H.264 clips of the astronaut's face moving over a textured background."""
     import numpy as np
 
-    from fdtrain.data.sources import VideoJob
-    from fdtrain.data.video import write_test_video
+    from fdtrain.data.prep.sources import VideoJob
+    from fdtrain.data.prep.video import write_test_video
 
     try:
         from skimage import data
@@ -64,7 +64,7 @@ def _make_clips(folder: Path, n: int, frames: int) -> list:
 
 
 def _dataset_jobs(source: str, root: str, n: int) -> list:
-    from fdtrain.data.sources import SourceOptions, load_source
+    from fdtrain.data.prep.sources import SourceOptions, load_source
 
     plan = load_source(source).enumerate_jobs(Path(root), SourceOptions())
     jobs = plan.needed_jobs()[:n]
@@ -74,7 +74,7 @@ def _dataset_jobs(source: str, root: str, n: int) -> list:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from fdtrain.data.ingest import CropOptions, run_jobs
+    from fdtrain.data.prep.ingest import CropOptions, run_jobs
 
     if min(args.workers, args.videos, args.frames, args.video_frames) < 1:
         print("fdtrain bench shards: --workers, --videos, --frames and --video-frames must be >= 1", file=sys.stderr)

@@ -1,27 +1,28 @@
-"""Data: WebDataset shards on disk -> batches on the training device.
+"""Data: the shard format, offline preparation (``prep``) and online loading (``loading``).
 
 ``build_loader(cfg, split)`` is the one entry point for every backend (DALI or the PyTorch
-fallback); see ``fdtrain/data/loader.py`` for the contract. This module stays light: torch, DALI
-and webdataset are imported only when a loader is built, so ``fdtrain --help`` stays instant.
+fallback); see ``fdtrain/data/loading/base.py`` for the contract. This module stays light: torch,
+DALI and webdataset are imported only when ``build_loader`` or ``Loader`` is first used (PEP 562),
+so ``fdtrain --help`` stays instant.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fdtrain.data.format import DataError
+
 if TYPE_CHECKING:  # pragma: no cover
-    from fdtrain.data.loader import Loader
+    from fdtrain.data.loading import Loader, build_loader
+
+_LOADING = ("Loader", "build_loader")
 
 
-class DataError(RuntimeError):
-    """Data that cannot be loaded: the message names the split, folder, shard and/or sample key."""
+def __getattr__(name: str) -> Any:
+    if name in _LOADING:  # on first use only: fdtrain.data.loading imports torch
+        import fdtrain.data.loading as loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, device: Any = None,
-                 path: str | None = None, dtype: Any = None) -> Loader:
-    """Batches of one split for one rank; see :func:`fdtrain.data.loader.build_loader`."""
-    from fdtrain.data.loader import build_loader as _build
-
-    return _build(cfg, split, rank=rank, world_size=world_size, device=device, path=path, dtype=dtype)
-
-
-__all__ = ["DataError", "build_loader"]
+__all__ = ["DataError", "Loader", "build_loader"]

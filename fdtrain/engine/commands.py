@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fdtrain.data.video import FRAMES_PER_VIDEO  # numpy only
+from fdtrain.data.prep.video import FRAMES_PER_VIDEO  # numpy only
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

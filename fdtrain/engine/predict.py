@@ -2,7 +2,7 @@
 
 Images are taken as face crops (what the shards hold) unless ``crop_images`` asks for detection.
 Videos: ``frames`` frames spread uniformly over the video, the face of each cropped exactly as
-ingestion does (fdtrain.data.video / fdtrain.data.faces: detector, score x area choice, square box
+ingestion does (fdtrain.data.prep.video / fdtrain.data.prep.faces: detector, score x area choice, square box
 x1.3, short side 320, JPEG q95 round trip), then scored; the video's score is the mean frame score,
 as the video-level metrics define it.
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fdtrain.data.video import FRAMES_PER_VIDEO
+from fdtrain.data.prep.video import FRAMES_PER_VIDEO
 from fdtrain.serving.preprocess import to_batch
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PredictOptions:
     frames: int = FRAMES_PER_VIDEO  # frames sampled per video, as `fdtrain shards make` takes them
-    detector: str = "dlib"  # fdtrain.data.faces.make_detector spec, for videos (and images with crop_images)
+    detector: str = "dlib"  # fdtrain.data.prep.faces.make_detector spec, for videos (and images with crop_images)
     crop_images: bool = False  # detect and crop faces in still images too
     margin: float = 1.3
     crop_size: int = 320  # short side of a crop before the model's resize, as ingestion stores it
@@ -41,12 +41,13 @@ class PredictOptions:
 
 def expand_inputs(paths: list[str]) -> list[Path]:
     """Files as given; folders contribute their images and videos (sorted, not recursive)."""
-    from fdtrain.data.video import IMAGE_EXTS, VIDEO_EXTS
+    from fdtrain.data.format import SOURCE_IMAGE_SUFFIXES
+    from fdtrain.data.prep.video import VIDEO_EXTS
 
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS)
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in SOURCE_IMAGE_SUFFIXES + VIDEO_EXTS)
         else:
             out.append(p)
     return out
@@ -73,15 +74,15 @@ class Predictor:
 
     def detector(self):
         if self._detector is None:
-            from fdtrain.data.faces import make_detector
+            from fdtrain.data.prep.faces import make_detector
 
             self._detector = make_detector(self.opts.detector)
         return self._detector
 
     def _face(self, rgb: np.ndarray, video: str, frame: int) -> np.ndarray | None:
         """The face crop of one frame, as ingestion makes it (None when no face is found)."""
-        from fdtrain.data.faces import crop_face, encode_image, pick_face
-        from fdtrain.data.video import load_rgb
+        from fdtrain.data.prep.faces import crop_face, encode_image, pick_face
+        from fdtrain.data.prep.video import load_rgb
 
         face = pick_face(self.detector().detect(rgb, video=video, frame=frame, source=video))
         if face is None:
@@ -97,12 +98,13 @@ class Predictor:
         return out
 
     def predict(self, path: Path) -> dict[str, Any]:
-        from fdtrain.data.video import IMAGE_EXTS, VIDEO_EXTS, load_rgb, read_video_frames
+        from fdtrain.data.format import SOURCE_IMAGE_SUFFIXES
+        from fdtrain.data.prep.video import VIDEO_EXTS, load_rgb, read_video_frames
 
         rec: dict[str, Any] = {"path": str(path)}
         suffix = path.suffix.lower()
         try:
-            if suffix in IMAGE_EXTS:
+            if suffix in SOURCE_IMAGE_SUFFIXES:
                 rec["kind"] = "image"
                 rgb = load_rgb(path)
                 crop = self._face(rgb, str(path), 0) if self.opts.crop_images else rgb
@@ -121,7 +123,7 @@ class Predictor:
                 rec["score"] = float(np.mean(frame_scores))
             else:
                 return {**rec, "score": None, "error": f"unsupported file type '{suffix}' "
-                                                         f"(images {IMAGE_EXTS}, videos {VIDEO_EXTS})"}
+                                                         f"(images {SOURCE_IMAGE_SUFFIXES}, videos {VIDEO_EXTS})"}
         except Exception as e:  # noqa: BLE001 - whatever one input does (a decompression bomb, a container
             # without video, a decoder crash), the others are still scored; its line says why it was not
             return {**rec, "score": None, "error": f"{type(e).__name__}: {e}"}

@@ -3,7 +3,7 @@
 Conditions: the clean set, then every (type, level) of ``fdtrain.data.distortions.PROTOCOL``. The
 clean row is the evaluation ``fdtrain evaluate`` runs (same loader, same ``evaluate_loader``); every
 distorted condition is scored by the same model call and reduced by the same ``MetricAccumulator``
-(one gather per condition). Which rank and worker reads what: ``fdtrain.data.sweep_stream``.
+(one gather per condition). Which rank and worker reads what: ``fdtrain.data.loading.sweep_stream``.
 Nothing heavy is imported at module level (``fdtrain --help`` stays instant).
 """
 from __future__ import annotations
@@ -102,9 +102,10 @@ def sweep(model, cfg, folder: str | os.PathLike, conds: list[tuple[str, int]], *
     from torch.utils.data import DataLoader
 
     from fdtrain.data import DataError, build_loader
-    from fdtrain.data.loader import normalize_uint8, open_shards
-    from fdtrain.data.sweep_stream import SweepStream, catalog, plan
-    from fdtrain.data.torch_loader import _unwrap
+    from fdtrain.data.augment import normalize_uint8
+    from fdtrain.data.format import open_shards
+    from fdtrain.data.loading.sweep_stream import SweepStream, catalog, plan
+    from fdtrain.data.loading.torch_loader import _unwrap
     from fdtrain.engine.evaluate import EvalResult, evaluate_loader
     from fdtrain.metrics import MetricAccumulator
 
@@ -188,7 +189,7 @@ def _condition_batches(msg: dict[str, Any], conds: list[tuple[str, int]], size: 
     if "x" in msg:
         yield msg["cond"], msg["x"]
         return
-    from fdtrain.data.sweep_stream import distort_batch
+    from fdtrain.data.loading.sweep_stream import distort_batch
 
     imgs = [im.to(device, non_blocking=True) for im in msg["raw"]]
     for c in msg["conds"]:

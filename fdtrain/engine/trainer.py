@@ -139,7 +139,7 @@ class Trainer:
         of the recipe must be a readable shard folder, and the selection set must exist."""
         from fdtrain import FdtrainError
         from fdtrain.data import DataError
-        from fdtrain.data.loader import open_shards, split_path
+        from fdtrain.data.format import open_shards, split_path
 
         cfg = self.cfg
         self._selection_set()

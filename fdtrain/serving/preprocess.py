@@ -1,7 +1,7 @@
 """Image -> model input, with Pillow and numpy only (no torch), for both scoring paths.
 
 `fdtrain predict` feeds the PyTorch model and the ONNX Runtime session from this one function, so
-the two paths see the same numbers. The normalisation is the loaders' (fdtrain.data.loader
+the two paths see the same numbers. The normalisation is the loaders' (fdtrain.data.augment
 ``normalize_uint8`` and DALI's mean=std=127.5): v / 127.5 - 1, pixels in [-1, 1]. The resize is
 Pillow's antialiased bilinear; torchvision's uint8 antialiased bilinear (the PyTorch fallback
 loader) differs from it by at most one grey level on ~0.5% of pixels (measured, 320 -> 64/96/299

@@ -20,15 +20,16 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from fdtrain.data.shards import clean_component
-from fdtrain.data.sources import OutputSplit, Plan, SourceOptions, VideoJob, rel
-from fdtrain.data.video import IMAGE_EXTS, VIDEO_EXTS, natural_key
+from fdtrain.data.format import SOURCE_IMAGE_SUFFIXES, clean_component
+from fdtrain.data.prep.sources import OutputSplit, Plan, SourceOptions, VideoJob, rel
+from fdtrain.data.prep.video import VIDEO_EXTS, natural_key
 
 DEFAULT_RULE = r"(?P<split>[^/]+)/(?P<label>[^/]+)/(?P<video>[^/]+)/[^/]+"
 LABELS = {"0": 0, "real": 0, "original": 0, "pristine": 0, "1": 1, "fake": 1, "manipulated": 1}
 
 
-def parse_label(text: str, where: str) -> int:
+def parse_dataset_label(text: str, where: str) -> int:
+    """A label word of a dataset's CSV or folder names (real/fake/0/1...), not a shard's cls member."""
     try:
         return LABELS[str(text).strip().lower()]
     except KeyError:
@@ -47,7 +48,7 @@ def _rows_from_csv(path: Path, root: Path) -> list[dict]:
             for n, r in enumerate(reader, 2):
                 p = Path(r["path"])
                 rows.append({"path": p if p.is_absolute() else root / p,
-                             "label": parse_label(r["label"], f"{path}:{n}"),
+                             "label": parse_dataset_label(r["label"], f"{path}:{n}"),
                              "video": (r.get("video") or "").strip(), "split": r["split"].strip(),
                              "method": (r.get("method") or "").strip(), "where": f"{path}:{n}"})
             return rows
@@ -62,7 +63,7 @@ def _rows_from_rule(rule: str, root: Path) -> tuple[list[dict], int]:
             raise ValueError(f"--rule {rule!r}: needs a named group (?P<{g}>...)")
     rows, unmatched = [], 0
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS + VIDEO_EXTS:
+        if not p.is_file() or p.suffix.lower() not in SOURCE_IMAGE_SUFFIXES + VIDEO_EXTS:
             continue
         r = rel(p, root)
         m = rx.fullmatch(r)
@@ -70,7 +71,7 @@ def _rows_from_rule(rule: str, root: Path) -> tuple[list[dict], int]:
             unmatched += 1
             continue
         g = m.groupdict()
-        rows.append({"path": p, "label": parse_label(g["label"], f"{r} (--rule)"), "video": g["video"],
+        rows.append({"path": p, "label": parse_dataset_label(g["label"], f"{r} (--rule)"), "video": g["video"],
                      "split": g["split"], "method": g.get("method") or "", "where": r})
     return rows, unmatched
 

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdtrain.data import shards as sh
+from fdtrain.data import format as sh
 
 
 @dataclass
@@ -50,7 +50,7 @@ def verify_shard(split_dir: str, entry: dict, decode: bool = True) -> ShardRepor
         return rep
     if "sha256" in entry and sh.sha256_file(tar_path) != entry["sha256"]:
         rep.problems.append(f"{name}: sha256 differs from the manifest (file changed or damaged)")
-    idx_path = tar_path.with_suffix(".idx")
+    idx_path = sh.index_path(tar_path)
     try:
         for key, parts in sh.iter_tar_samples(tar_path):
             rep.num_samples += 1
@@ -72,7 +72,7 @@ def verify_shard(split_dir: str, entry: dict, decode: bool = True) -> ShardRepor
         rep.problems.append(f"{idx_path.name}: DALI index missing")
     else:
         try:
-            ok = idx_path.read_text() == sh.index_text_for(tar_path)
+            ok = idx_path.read_text() == sh.index_text(sh.tar_index_lines(tar_path))
         except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
             ok, rep.problems = False, rep.problems + [f"{idx_path.name}: {type(e).__name__}: {e}"]
         if not ok:
@@ -124,7 +124,7 @@ def verify_split(split_dir: Path, workers: int = 1, decode: bool = True) -> tupl
     problems: list[str] = []
     try:
         m = sh.read_manifest(split_dir)
-    except (FileNotFoundError, ValueError) as e:
+    except sh.DataError as e:
         return [str(e)], {}
     for f in ("split", "num_samples", "num_shards", "shards", "counts"):
         if f not in m:

@@ -9,7 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from fdtrain.data.sources import Plan, SourceOptions, ffpp
+from fdtrain.data.prep.sources import Plan, SourceOptions, ffpp
 
 
 def enumerate_jobs(root: Path, opts: SourceOptions) -> Plan:

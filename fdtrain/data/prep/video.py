@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fdtrain.data.format import SOURCE_IMAGE_SUFFIXES
+
 # Frames taken per video, spread uniformly, when shards are made (`fdtrain shards make`) and when a
 # video is scored (`fdtrain predict`): one number, so a video's score averages the same frames'
 # worth of evidence as the video-level metrics of its shards.
 FRAMES_PER_VIDEO = 32
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def uniform_indices(total: int, n: int | None) -> list[int]:
@@ -43,7 +44,7 @@ def frame_number(path: str, position: int) -> int:
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()),
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in SOURCE_IMAGE_SUFFIXES and p.is_file()),
                   key=lambda p: natural_key(p.name))
 
 

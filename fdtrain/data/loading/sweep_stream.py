@@ -22,10 +22,20 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fdtrain.data import DataError
 from fdtrain.data.distortions import condition_seed, distort_image, parameter, video_compression
-from fdtrain.data.loader import IMAGE_EXTS, ShardSet, index_count, sample_key
-from fdtrain.data.torch_loader import CorruptImage, decode_raw, resize_square
+from fdtrain.data.format import (
+    IMAGE_EXTS,
+    DataError,
+    Member,
+    ShardSet,
+    index_count,
+    line_key,
+    parse_index_line,
+    read_index,
+    read_member,
+    split_member,
+)
+from fdtrain.data.loading.torch_loader import CorruptImage, decode_raw, resize_square
 from fdtrain.metrics import video_key
 
 log = logging.getLogger("fdtrain.data")
@@ -36,7 +46,7 @@ _WANTED = (*IMAGE_EXTS, "cls")
 class Entry:
     url: str
     key: str
-    members: list[tuple[str, int, int, str]]  # (ext, data offset, size, member name): image and cls
+    members: list[Member]  # image and cls
 
 
 def catalog(shards: ShardSet) -> list[Entry]:
@@ -46,12 +56,8 @@ def catalog(shards: ShardSet) -> list[Entry]:
     for tar, idx, count in zip(shards.tars, shards.indexes, shards.counts):
         url = str(tar)
         if Path(idx).is_file() and index_count(Path(idx)) == count:
-            rows = []
-            for line in Path(idx).read_text().splitlines()[1:]:
-                parts = line.split()
-                members = [(parts[j].lower(), int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
-                           for j in range(0, len(parts) - 3, 4)]
-                rows.append(Entry(url, sample_key(parts[3]), [m for m in members if m[0] in _WANTED]))
+            rows = [Entry(url, line_key(line), [m for m in parse_index_line(line) if m[0] in _WANTED])
+                    for line in read_index(idx)]
         else:
             rows = _scan_tar(url)
         if len(rows) != count:
@@ -67,8 +73,8 @@ def _scan_tar(url: str) -> list[Entry]:
             for m in tf:
                 if not m.isfile():
                     continue
-                key = sample_key(m.name)
-                ext = m.name[len(key) + 1:].lower()
+                key, ext = split_member(m.name)
+                ext = ext.lower()
                 entry = by_key.setdefault(key, Entry(url, key, []))
                 if ext in _WANTED:
                     entry.members.append((ext, m.offset_data, m.size, m.name))
@@ -83,13 +89,8 @@ def read_entry(entry: Entry, files: dict[str, Any]) -> dict[str, Any]:
     if fh is None:
         fh = files[entry.url] = open(entry.url, "rb")
     sample: dict[str, Any] = {"__url__": entry.url, "__key__": entry.key}
-    for ext, offset, size, name in entry.members:
-        fh.seek(offset - 512)
-        block = fh.read(512 + size)  # ustar header, then the data
-        if len(block) != 512 + size or not name.encode().endswith(block[:100].rstrip(b"\0")):
-            raise DataError(f"shard {entry.url}: member {name} is not where its index says (stale index: "
-                            "delete it, or rebuild the shard)")
-        sample[ext] = block[512:]
+    for member in entry.members:
+        sample[member[0]] = read_member(fh, member, entry.url, "its index")
     return sample
 
 

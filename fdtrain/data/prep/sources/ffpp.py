@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fdtrain.data.shards import clean_component
-from fdtrain.data.sources import REAL_METHOD, OutputSplit, Plan, SourceOptions, VideoJob, rel
-from fdtrain.data.video import VIDEO_EXTS
+from fdtrain.data.format import clean_component
+from fdtrain.data.prep.sources import REAL_METHOD, OutputSplit, Plan, SourceOptions, VideoJob, rel
+from fdtrain.data.prep.video import VIDEO_EXTS
 
 STANDARD_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 PAIR_METHODS = STANDARD_METHODS + ("FaceShifter",)

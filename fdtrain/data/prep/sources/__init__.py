@@ -103,7 +103,7 @@ class SourceOptions:
 def load_source(name: str):
     if name not in SOURCES:
         raise ValueError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
-    return importlib.import_module(f"fdtrain.data.sources.{name}")
+    return importlib.import_module(f"fdtrain.data.prep.sources.{name}")
 
 
 def hashed_percent(text: str) -> float:

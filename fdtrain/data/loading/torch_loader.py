@@ -35,8 +35,19 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import tarfile_samples
 
-from fdtrain.data import DataError
-from fdtrain.data.loader import IMAGE_EXTS, Loader, ShardSet, index_count, mix_seed, parse_label, sample_key
+from fdtrain.data.format import (
+    IMAGE_EXTS,
+    DataError,
+    ShardSet,
+    index_count,
+    line_key,
+    parse_index_line,
+    parse_label,
+    read_index,
+    read_member,
+)
+from fdtrain.data.loading.base import Loader
+from fdtrain.data.loading.sampling import mix_seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,21 +136,13 @@ def tar_samples(url: str, index: str | None = None, first: int = 0, end: int | N
 
 
 def _indexed_samples(url: str, index: str, first: int, end: int | None) -> Iterator[dict[str, Any]]:
-    with open(index) as fh:
-        lines = fh.read().splitlines()[1:]
+    lines = read_index(index)
     with open(url, "rb") as tar:
         for line in lines[first:end]:
-            parts = line.split()
             sample: dict[str, Any] = {"__url__": url}
-            for j in range(0, len(parts) - 3, 4):  # <ext> <data offset> <size> <member name>, per member
-                ext, offset, size, name = parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
-                tar.seek(offset - 512)
-                block = tar.read(512 + size)  # the member's header, then its data
-                if len(block) != 512 + size or not name.encode().endswith(block[:100].rstrip(b"\0")):
-                    raise DataError(f"shard {url}: member {name} is not where {index} says (stale index: "
-                                    "delete it, or rebuild the shard)")
-                sample[ext.lower()] = block[512:]
-            sample["__key__"] = sample_key(parts[3])
+            for member in parse_index_line(line):
+                sample[member[0]] = read_member(tar, member, url, index)
+            sample["__key__"] = line_key(line)
             yield sample
 
 
@@ -336,5 +339,5 @@ def _unwrap(e: DataError) -> DataError:
     text = str(e)
     if "Original Traceback" not in text:
         return e
-    last = text.strip().splitlines()[-1]  # "fdtrain.data.torch_loader.CorruptImage: undecodable image in ..."
+    last = text.strip().splitlines()[-1]  # "fdtrain.data.loading.torch_loader.CorruptImage: undecodable image in ..."
     return type(e)(last.split(": ", 1)[1] if ": " in last else last)

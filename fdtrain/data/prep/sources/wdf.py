@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fdtrain.data.shards import clean_component
-from fdtrain.data.sources import ArchiveJob, OutputSplit, Plan, SourceOptions, hashed_percent, rel
+from fdtrain.data.format import clean_component
+from fdtrain.data.prep.sources import ArchiveJob, OutputSplit, Plan, SourceOptions, hashed_percent, rel
 
 FOLDERS = {"real_train": (0, "train"), "real_test": (0, "test"), "fake_train": (1, "train"), "fake_test": (1, "test")}
 ARCHIVE_EXTS = (".tar.gz", ".tgz", ".tar")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fdtrain.data.shards import clean_component
-from fdtrain.data.sources import OutputSplit, Plan, SourceOptions, VideoJob, hashed_percent, rel
-from fdtrain.data.video import VIDEO_EXTS
+from fdtrain.data.format import clean_component
+from fdtrain.data.prep.sources import OutputSplit, Plan, SourceOptions, VideoJob, hashed_percent, rel
+from fdtrain.data.prep.video import VIDEO_EXTS
 
 FOLDERS = {"Celeb-real": 0, "YouTube-real": 0, "Celeb-synthesis": 1}
 TEST_LIST = "List_of_testing_videos.txt"

@@ -10,7 +10,7 @@ mixed from (seed, epoch, rank), so ranks flip different samples. An epoch's orde
 state holds the reader's checkpoint at the saved step, so a resumed epoch restarts from it without
 decoding the consumed batches again; without one (older checkpoint, skipped samples) the consumed
 batches are run again before the first new one. The noisy view X~ is added after DALI, on the
-output device, by the code shared with the fallback (``loader.add_gated_noise``).
+output device, by the code shared with the fallback (``augment.add_gated_noise``).
 
 Decoder failures surface as a ``RuntimeError`` from DALI that does not always name the sample, so
 the batches in flight are replayed through a reader-only pipeline (same seed, same order) and each
@@ -33,11 +33,20 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from fdtrain.data import DataError
-from fdtrain.data.loader import Loader, ShardSet, log, mix_seed, parse_label, sample_key
+from fdtrain.data.format import (
+    IMAGE_EXTS,
+    DataError,
+    ShardSet,
+    line_key,
+    parse_label,
+    read_index,
+    sample_key,
+    write_index,
+)
+from fdtrain.data.loading.base import Loader, log
+from fdtrain.data.loading.sampling import mix_seed
 
 READER = "Reader"
-IMAGE_EXT = "jpg;jpeg;png"
 _FAILED_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (\S+):(\d+):(\S+)")
 
 
@@ -65,7 +74,7 @@ def image_pipeline(*, tars: list[str], indexes: list[str], shard_id: int, num_sh
                     prefetch_queue_depth=prefetch, enable_checkpointing=checkpointing, checkpoint=checkpoint)
     with pipe:
         images, cls = fn.readers.webdataset(
-            paths=tars, index_paths=indexes, ext=[IMAGE_EXT, "cls"], missing_component_behavior="error",
+            paths=tars, index_paths=indexes, ext=[";".join(IMAGE_EXTS), "cls"], missing_component_behavior="error",
             shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
             random_shuffle=train, initial_fill=max(1, shuffle_buffer), seed=seed,
             pad_last_batch=not train,  # eval: the iterator drops the padding (LastBatchPolicy.PARTIAL)
@@ -279,12 +288,12 @@ class DaliLoader(Loader):
         lo, hi = shards.rank_range(shard_id, self.world_size)
         tars, idx, kept = [], [], 0
         for i, first, end in shards.pieces(lo, hi):
-            lines = Path(shards.indexes[i]).read_text().splitlines()[1:][first:end]
-            lines = [ln for ln in lines if sample_key(ln.split()[3]) not in self.skipped]
+            lines = read_index(shards.indexes[i])[first:end]
+            lines = [ln for ln in lines if line_key(ln) not in self.skipped]
             if not lines:
                 continue
             out = Path(self._tmp.name) / f"e{epoch}-{i:06d}-s{shard_id}.idx"
-            out.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+            write_index(out, lines)
             tars.append(str(shards.tars[i]))
             idx.append(str(out))
             kept += len(lines)

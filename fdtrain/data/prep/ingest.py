@@ -8,7 +8,7 @@ Two stages, so that a killed run resumes and a SLURM array can share the work:
    place last: it is the completion mark, and jobs with one are not redone. The record id hashes
    the job and the crop options, so changing an option never reuses stale crops.
 2. **assemble**: every record of the needed jobs is read, the samples of each output split are
-   sorted by key, shuffled with a seed and written into shards (``shards.write_split``).
+   sorted by key, shuffled with a seed and written into shards (``format.write_split``).
    Nothing here depends on the order the jobs finished in, so a rerun after a kill gives the same
    bytes as an uninterrupted run.
 
@@ -29,11 +29,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from fdtrain.data import shards as sh
-from fdtrain.data.sources import ArchiveJob, Job, OutputSplit, Plan, VideoJob
-from fdtrain.data.video import (
+from fdtrain.data import format as sh
+from fdtrain.data.format import SOURCE_IMAGE_SUFFIXES
+from fdtrain.data.prep.sources import ArchiveJob, Job, OutputSplit, Plan, VideoJob
+from fdtrain.data.prep.video import (
     FRAMES_PER_VIDEO,
-    IMAGE_EXTS,
     frame_numbers,
     natural_key,
     read_video_frames,
@@ -71,7 +71,7 @@ _DETECTORS: dict[str, object] = {}
 
 def _detector(spec: str):
     if spec not in _DETECTORS:  # one per process: dlib's detector is not picklable
-        from fdtrain.data.faces import make_detector
+        from fdtrain.data.prep.faces import make_detector
 
         _DETECTORS[spec] = make_detector(spec)
     return _DETECTORS[spec]
@@ -112,8 +112,8 @@ def _video_entry(job: Job, key: str, source: str, total: int, requested: int | N
 def _encode_frames(job: Job, opts: CropOptions, key: str, frames: Iterator[tuple[int, object, str]],
                    w: _RecordWriter, entry: dict, crops: bool) -> None:
     """Crop (or take whole), resize, encode and store each (frame index, rgb or bytes, source) item."""
-    from fdtrain.data.faces import crop_face, encode_image, pick_face, resize_short_side
-    from fdtrain.data.video import load_rgb
+    from fdtrain.data.prep.faces import crop_face, encode_image, pick_face, resize_short_side
+    from fdtrain.data.prep.video import load_rgb
 
     size = opts.size if opts.size is not None else (0 if crops else DEFAULT_DETECTED_SIZE)
     no_face, bad = [], []
@@ -170,7 +170,7 @@ def _process_video_job(job: VideoJob, opts: CropOptions, w: _RecordWriter) -> No
         _encode_frames(job, opts, job.key, ((i, rgb, job.source) for i, rgb in frames), w, entry, crops=job.crops)
         return
     if job.kind == "frames":
-        paths = sorted((p for p in Path(job.path).iterdir() if p.suffix.lower() in IMAGE_EXTS),
+        paths = sorted((p for p in Path(job.path).iterdir() if p.suffix.lower() in SOURCE_IMAGE_SUFFIXES),
                        key=lambda p: natural_key(p.name))
         srcs = [f"{job.source}/{p.name}" for p in paths]
     else:
@@ -229,7 +229,7 @@ def _process_archive_job(job: ArchiveJob, opts: CropOptions, w: _RecordWriter) -
     seqs: dict[str, list[str]] = defaultdict(list)
     for name in members:
         p = PurePosixPath(name)
-        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
+        if p.suffix.lower() in SOURCE_IMAGE_SUFFIXES and not p.name.startswith("."):
             seqs[str(p.parent)].append(name)
     if broken is not None:  # the sequence being listed when the archive broke may be incomplete
         cut = str(PurePosixPath(broken[0]).parent)

@@ -9,13 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from fdtrain.data.sources import SOURCES
-from fdtrain.data.video import FRAMES_PER_VIDEO
+from fdtrain.data.prep.sources import SOURCES
+from fdtrain.data.prep.synth import SYNTH_DEFAULTS
+from fdtrain.data.prep.video import FRAMES_PER_VIDEO
 
 DEFAULT_FRAMES = {"synth": "all"}  # every other source: video.FRAMES_PER_VIDEO
-# `fdtrain synth` defaults: sized so that synth + shards + a short CPU training + evaluation of the
-# demo take about 10 minutes on 2 cores (fdtrain.data.synth uses the same values).
-SYNTH_DEFAULTS = {"videos": 72, "frames": 4, "size": 128, "seed": 42}
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -128,8 +126,8 @@ def default_frames(source: str) -> int | None:
 
 
 def run_shards_make(args: argparse.Namespace) -> int:
-    from fdtrain.data import ingest
-    from fdtrain.data.sources import SourceOptions, load_source
+    from fdtrain.data.prep import ingest
+    from fdtrain.data.prep.sources import SourceOptions, load_source
 
     if args.frames is None:
         args.frames = default_frames(args.source)
@@ -139,7 +137,7 @@ def run_shards_make(args: argparse.Namespace) -> int:
     root, out = Path(args.root).resolve(), Path(args.out).resolve()
     methods = None
     if args.methods == "all":
-        from fdtrain.data.sources.ffpp import PAIR_METHODS
+        from fdtrain.data.prep.sources.ffpp import PAIR_METHODS
 
         manip = root / "manipulated_sequences"
         methods = tuple(m for m in PAIR_METHODS if manip.is_dir() and (manip / m).is_dir())
@@ -157,7 +155,7 @@ def run_shards_make(args: argparse.Namespace) -> int:
                               quality=args.quality, detector=args.detector)
     if args.stage != "assemble" and "boxes" != args.detector.split(":")[0]:
         try:  # fail before starting workers, naming the bad option
-            from fdtrain.data.faces import make_detector
+            from fdtrain.data.prep.faces import make_detector
 
             make_detector(args.detector)
         except (ValueError, ImportError) as e:
@@ -201,7 +199,7 @@ def add_shards_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_shards_verify(args: argparse.Namespace) -> int:
-    from fdtrain.data.verify import verify
+    from fdtrain.data.prep.verify import verify
 
     return verify(args.dir, workers=args.workers, decode=not args.no_decode, max_report=args.max_report)
 
@@ -221,7 +219,7 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from fdtrain.data.synth import write_benchmark
+    from fdtrain.data.prep.synth import write_benchmark
 
     t0 = time.time()
     info = write_benchmark(args.out, videos=args.videos, frames=args.frames, size=args.size, seed=args.seed,
