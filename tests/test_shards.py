@@ -1,6 +1,7 @@
 """Shard writer, DALI index, DALI read-back and `shards verify` on damaged shards."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -220,3 +221,18 @@ def test_verify_cli_exit_code_on_dataset_folder(tmp_path):
     tar = sorted((out / "val").glob("*.tar"))[0]
     _flip_byte_inside_jpeg(tar)
     assert main(["shards", "verify", str(out)]) == 1
+
+
+def test_verify_sample_checks_read_like_the_loaders():
+    """verify's per-sample rules are the format's: any image extension a loader reads, cls as parsed."""
+    from fdtrain.data.prep.verify import _check_sample
+
+    img = _jpeg(1)
+    meta = {**{f: "x" for f in sh.SAMPLE_FIELDS}, "key": "v/0001", "video": "v", "label": 1,
+            "image_sha256": hashlib.sha256(img).hexdigest()}
+    ok = {"jpeg": img, "cls": b"1", "json": json.dumps(meta).encode()}
+    assert _check_sample("v/0001", ok, decode=True) == []
+    assert _check_sample("v/0001", {**ok, "cls": b"2"}, decode=True) == ["cls is b'2', want 0 or 1"]
+    assert _check_sample("v/0001", {**ok, "cls": b"0"}, decode=True) == ["json label 1 differs from cls 0"]
+    assert _check_sample("v/0001", {**ok, "png": img}, decode=False) == \
+        ["want one image member (jpg/jpeg/png), got ['cls', 'jpeg', 'json', 'png']"]

@@ -81,16 +81,16 @@ def make_bench_data(out: Path, n: int, image_size: int, seed: int = 0) -> Path:
 
 def loose_files(shards: Path, out: Path) -> list[tuple[str, int]]:
     """The shards' images as one file per sample (what the naive baseline reads): (path, label)."""
-    from fdtrain.data.format import IMAGE_EXTS, iter_tar_samples, read_manifest
+    from fdtrain.data.format import IMAGE_EXTS, iter_tar_samples, parse_label, read_manifest
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for entry in read_manifest(shards)["shards"]:
-        for _key, parts in iter_tar_samples(shards / entry["name"]):
+        for key, parts in iter_tar_samples(shards / entry["name"]):
             ext = next(e for e in IMAGE_EXTS if e in parts)
             path = out / f"{len(files):07d}.{ext}"
             path.write_bytes(parts[ext])
-            files.append((str(path), int(parts["cls"])))
+            files.append((str(path), int(parse_label(parts["cls"], key, entry["name"]))))
     return files
 
 

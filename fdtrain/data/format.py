@@ -215,7 +215,7 @@ def index_text(lines: list[str]) -> str:
 
 
 def write_index(path: str | os.PathLike, lines: list[str]) -> None:
-    """Write an index file (atomically: ranks may race to write the same one)."""
+    """Write an index file (atomically: a reader never sees half of one)."""
     atomic_write_text(path, index_text(lines))
 
 

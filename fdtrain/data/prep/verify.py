@@ -88,9 +88,12 @@ def _check_sample(key: str, parts: dict[str, bytes], decode: bool) -> list[str]:
     for ext in ("cls", "json"):
         if ext not in parts:
             out.append(f"{ext} member missing")
-    cls = parts.get("cls", b"").strip()
-    if "cls" in parts and cls not in (b"0", b"1"):
-        out.append(f"cls is {cls[:20]!r}, want 0 or 1")
+    label = None  # the loaders' reading of cls
+    if "cls" in parts:
+        try:
+            label = int(sh.parse_label(parts["cls"], key, "?"))
+        except sh.DataError:
+            out.append(f"cls is {parts['cls'].strip()[:20]!r}, want 0 or 1")
     meta = None
     if "json" in parts:
         try:
@@ -103,8 +106,8 @@ def _check_sample(key: str, parts: dict[str, bytes], decode: bool) -> list[str]:
             out.append(f"json lacks {', '.join(missing)}")
         if meta.get("key") != key:
             out.append(f"json key {meta.get('key')!r} differs from the tar key")
-        if cls in (b"0", b"1") and meta.get("label") != int(cls):
-            out.append(f"json label {meta.get('label')!r} differs from cls {cls.decode()}")
+        if label is not None and meta.get("label") != label:
+            out.append(f"json label {meta.get('label')!r} differs from cls {label}")
         video = meta.get("video")
         if not (isinstance(video, str) and key.startswith(video + "/")):
             out.append(f"key does not begin with its video key {video!r}")
