@@ -29,7 +29,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SKIP_RC=77
 
-# ---- machinery (sourced by tests/test_gpu_check.py) ------------------------------------------
+# ---- machinery (sourced by tests/test_bench_gpu_check.py) ------------------------------------------
 # run_stage NAME LIMIT_S CMD...: run CMD under `timeout`, log to $LOGS/NAME.log, append a JSON
 # line to $RESULTS. Status: ok (0), skipped (77, or the budget is spent), timeout (124/137), failed.
 run_stage() {

@@ -2,8 +2,9 @@
 
 Everything is made from scratch in a temporary folder: short videos cut from scikit-image's
 astronaut photograph (a real face dlib finds), encoded with PyAV, plus the split files each
-dataset ships. Other test modules may use these, e.g. ``make_synth_shards(tmp_path)`` for a
-small shard dataset to feed a loader or a training run.
+dataset ships. Shard folders come from one maker, :func:`make_shards`, which writes with fdtrain's
+own shard writer (tar + DALI index + manifest); tests/conftest.py wraps it, the easy dataset and
+the synthetic benchmark in session-scoped fixtures.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import functools
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +161,8 @@ def make_wdf_tree(root: Path, size: int = 64) -> dict:
 def make_synth_shards(tmp_path: Path, videos: int = 8, frames: int = 2, size: int = 64,
                       methods: str = "Deepfakes,Face2Face,FaceSwap", holdout_tests: bool = True,
                       min_shards: int = 2, seed: int = 42, image_format: str = "jpg") -> Path:
-    """A small synthetic dataset as shards: ``<returned>/{train,val,test,test_<Method>...}``.
+    """A small synthetic dataset as shards, through `fdtrain synth` and `fdtrain shards make`:
+    ``<returned>/{train,val,test,test_<Method>...}``.
 
     With the defaults: 8 identities (train 4, val 2, test 2), 2 frames each, 64 px crops;
     train holds 4 x 2 real + 3 x 4 x 2 fake samples. About 2-3 s on one core.
@@ -168,14 +171,127 @@ def make_synth_shards(tmp_path: Path, videos: int = 8, frames: int = 2, size: in
 
     tree, out = tmp_path / "synth_tree", tmp_path / "synth_shards"
     if not (tree / "synth.json").exists():
-        from fdtrain.data.prep.synth import write_benchmark
-
-        write_benchmark(tree, videos=videos, frames=frames, size=size, seed=seed, workers=1)
-    args = ["shards", "make", "--source", "synth", "--root", str(tree), "--out", str(out), "--methods", methods,
+        assert main(["synth", "--out", str(tree), "--videos", str(videos), "--frames", str(frames), "--size", str(size),
+                     "--seed", str(seed), "--workers", "1"]) == 0, "fdtrain synth failed"
+    args = ["shards", "make", "--source", "synth", "--root", str(tree), "--out", str(out),
             "--workers", "1", "--min-shards", str(min_shards), "--no-progress", "--format", image_format]
+    args += ["--methods", methods] if methods else []  # "": the command's default (every method)
     rc = main(args + (["--holdout-tests"] if holdout_tests else []))
     assert rc == 0, f"shards make failed ({rc})"
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards for loader and engine tests
+# ---------------------------------------------------------------------------------------------
+FRAMES_PER_VIDEO = 4
+
+
+def crop_jpeg(rng: np.random.Generator, size: int, *, fake: bool = False, image_ext: str = "jpg") -> bytes:
+    """A face-crop stand-in: a smooth random colour field with grain, JPEG q95 without chroma
+    subsampling (or PNG). A fake carries a faint checkerboard in its centre (a high-frequency trace,
+    like an upsampling artefact), so a 64-px FakeDiffer separates the classes within a few dozen
+    CPU steps."""
+    from PIL import Image
+
+    small = rng.integers(30, 226, (5, 5, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    img += rng.normal(0, 4, img.shape)
+    if fake:
+        yy, xx = np.mgrid[0:size, 0:size]
+        checker = np.where(((yy // 2) + (xx // 2)) % 2 == 0, 1.0, -1.0)[..., None]
+        a, b = size // 4, 3 * size // 4
+        img[a:b, a:b] += 22.0 * checker[a:b, a:b]
+    buf = io.BytesIO()
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    if image_ext == "jpg":
+        pil.save(buf, "JPEG", quality=95, subsampling=0)
+    else:
+        pil.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def sample_keys(n: int, method: str = "Deepfakes") -> list[str]:
+    """The keys :func:`make_shards` gives n samples without ``by_video``: FF++-shaped, 4 frames a video."""
+    return [f"ffpp/c23/{method}/{k // 4:03d}_{k // 4 + 500:03d}/{k % 4 * 10:04d}" for k in range(n)]
+
+
+def _corrupted(sample, how: str | Callable):
+    """``how``: "truncated" (the first half of the image), "garbage" (not an image), or a function
+    Sample -> Sample for any other damage (a bad label, a missing member...)."""
+    import dataclasses
+
+    if callable(how):
+        return how(sample)
+    if how == "truncated":
+        return dataclasses.replace(sample, image=sample.image[: len(sample.image) // 2])
+    if how == "garbage":
+        return dataclasses.replace(sample, image=b"this is not an image " * 20)
+    raise ValueError(f"unknown corruption {how!r}")
+
+
+def make_shards(out: str | Path, n: int, n_shards: int, *, size: int = 64, seed: int = 0, split: str | None = None,
+                by_video: bool = False, real_every: int = 2, image_ext: str = "jpg",
+                corrupt: dict[int, str | Callable] | None = None, index: bool = True) -> Path:
+    """A split folder of ``n`` samples in ``n_shards`` (balanced) shards, written by fdtrain's shard writer.
+
+    Default layout (loader tests: known order and labels): keys :func:`sample_keys` (n) in that
+    order, sample k real when ``k % real_every == 0``. ``by_video``: n // 4 videos of 4 frames,
+    every other video fake, samples shuffled across the shards (engine tests: a learnable split).
+    ``corrupt`` maps a sample's position in the split to a damage (see :func:`_corrupted`);
+    ``index=False`` leaves the DALI index files out.
+    """
+    from fdtrain.data.format import Sample, write_split
+
+    out = Path(out)
+    split = split or out.name
+    rng = np.random.default_rng(seed)
+    samples = []
+    if by_video:
+        for v in range(n // FRAMES_PER_VIDEO):
+            fake = v % 2 == 1
+            method = "Checker" if fake else "youtube"
+            video = f"easy/{split}/{method}/{v:03d}"
+            for f in range(FRAMES_PER_VIDEO):
+                key = f"{video}/{f:04d}"
+                meta = {"key": key, "dataset": "easy", "split": split, "method": method, "compression": "raw",
+                        "video": video, "frame": f, "label": int(fake), "source": f"{video}/{f}.png"}
+                samples.append(Sample(key, crop_jpeg(rng, size, fake=fake, image_ext=image_ext), image_ext,
+                                      int(fake), meta))
+        samples = [samples[i] for i in rng.permutation(len(samples))]
+    else:
+        for k, key in enumerate(sample_keys(n)):
+            label = int(k % real_every != 0)
+            video = key.rsplit("/", 1)[0]
+            meta = {"key": key, "dataset": "ffpp", "split": split, "method": "Deepfakes", "compression": "c23",
+                    "video": video, "frame": int(key[-4:]), "label": label, "source": f"synthetic/{k}.png"}
+            samples.append(Sample(key, crop_jpeg(rng, size, fake=bool(label), image_ext=image_ext), image_ext,
+                                  label, meta))
+    samples = [_corrupted(s, corrupt[k]) if k in (corrupt or {}) else s for k, s in enumerate(samples)]
+    counts = [len(samples) // n_shards + (i < len(samples) % n_shards) for i in range(n_shards)]
+    write_split(samples, out, counts, {"command": "tests/_data_utils.py make_shards", "skipped": []})
+    if not index:
+        for idx in out.glob("shard-*.idx"):
+            idx.unlink()
+    return out
+
+
+def write_easy_dataset(root: str | Path, *, train_videos: int = 16, eval_videos: int = 8, shards: int = 4) -> Path:
+    """``root/{train,val,test}`` of :func:`make_shards` ``by_video``: 64 / 32 / 32 frames by default."""
+    root = Path(root)
+    for split, videos, seed in (("train", train_videos, 1), ("val", eval_videos, 2), ("test", eval_videos, 3)):
+        make_shards(root / split, videos * FRAMES_PER_VIDEO, shards, split=split, seed=seed, by_video=True)
+    return root
+
+
+def small_cfg(train: str | Path = "", val: str | Path = "", **data: object):
+    """A config for tiny loaders: 64-px model input, small batches, 1 thread, 0 workers."""
+    from fdtrain.config import from_dict
+
+    d = {"train": str(train), "val": str(val), "batch_size": 4, "eval_batch_size": 4, "num_workers": 0,
+         "num_threads": 1, "prefetch": 1, "shuffle_buffer": 16, "noise_std": 0.1}
+    d.update(data)
+    return from_dict({"run": {"seed": 3}, "model": {"input_size": 64}, "data": d})
 
 
 def read_split(split_dir: Path) -> dict[str, dict]:

@@ -1,13 +1,9 @@
-"""Shared helpers of the engine tests: learnable shards, configs, launching real processes.
+"""Shared helpers of the engine tests: configs, launching real processes, the shared training run.
 
-The shards are written with the real shard writer (fdtrain.data.format.write_split: tar + DALI
-index + manifest). Real crops are smooth colour fields with grain; fakes are the same with a faint
-checkerboard blended into the centre (a high-frequency trace, like an upsampling artefact), so a
-64-px FakeDiffer separates them within a few dozen steps on a CPU.
+Their learnable data is ``write_easy_dataset`` of tests/_data_utils.py (the ``easy_dataset`` fixture).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -16,58 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-FRAMES_PER_VIDEO = 4
-
-
-def _crop(rng: np.random.Generator, size: int, fake: bool) -> bytes:
-    small = rng.integers(30, 226, (5, 5, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), dtype=np.float32)
-    img += rng.normal(0, 4, img.shape)
-    if fake:
-        yy, xx = np.mgrid[0:size, 0:size]
-        checker = np.where(((yy // 2) + (xx // 2)) % 2 == 0, 1.0, -1.0)[..., None]
-        a, b = size // 4, 3 * size // 4
-        img[a:b, a:b] += 22.0 * checker[a:b, a:b]
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=95, subsampling=0)
-    return buf.getvalue()
-
-
-def write_easy_split(out: str | Path, n_videos: int, n_shards: int, *, split: str, seed: int, size: int = 64) -> Path:
-    """``n_videos`` videos (half real, half fake) x 4 frames, shuffled across ``n_shards`` shards."""
-    from fdtrain.data.format import Sample, write_split
-
-    rng = np.random.default_rng(seed)
-    samples = []
-    for v in range(n_videos):
-        fake = v % 2 == 1
-        method = "Checker" if fake else "youtube"
-        video = f"easy/{split}/{method}/{v:03d}"
-        for f in range(FRAMES_PER_VIDEO):
-            key = f"{video}/{f:04d}"
-            meta = {"key": key, "dataset": "easy", "split": split, "method": method, "compression": "raw",
-                    "video": video, "frame": f, "label": int(fake), "source": f"{video}/{f}.png"}
-            samples.append(Sample(key=key, image=_crop(rng, size, fake), ext="jpg", label=int(fake), meta=meta))
-    order = rng.permutation(len(samples))
-    samples = [samples[i] for i in order]
-    n = len(samples)
-    counts = [n // n_shards + (i < n % n_shards) for i in range(n_shards)]
-    write_split(samples, Path(out), counts, {"command": "tests/_engine_utils.py write_easy_split", "skipped": []})
-    return Path(out)
-
-
-def write_easy_dataset(root: str | Path, *, train_videos: int = 16, eval_videos: int = 8, shards: int = 4) -> Path:
-    """``root/{train,val,test}``: 64 / 32 / 32 frames by default."""
-    root = Path(root)
-    write_easy_split(root / "train", train_videos, shards, split="train", seed=1)
-    write_easy_split(root / "val", eval_videos, shards, split="val", seed=2)
-    write_easy_split(root / "test", eval_videos, shards, split="test", seed=3)
-    return root
 
 
 def overrides(data: Path, out_dir: Path, name: str, **extra) -> list[str]:
@@ -182,21 +128,14 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-_TRAINED: dict[str, tuple[Path, Path, subprocess.CompletedProcess]] = {}
-
-
-def trained_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """(data folder, run folder, the finished process) of one short single-process training run
-    through ``python -m fdtrain train``, shared by the engine, TensorBoard and evaluate/predict
-    tests: 3 epochs of 16 steps, validation at each epoch end, reconstruction panels every 8 steps."""
-    if "run" not in _TRAINED:
-        root = tmp_path_factory.mktemp("trained")
-        data = write_easy_dataset(root / "data")
-        recipe = root / "tiny.yaml"
-        recipe.write_text("run: {name: tiny}\n")
-        proc = run(fdtrain_cmd("train", str(recipe), *overrides(data, root / "runs", "tiny", **{"train.epochs": 3})))
-        _TRAINED["run"] = (data, root / "runs" / "tiny", proc)
-    return _TRAINED["run"]
+def trained_run(data: Path, root: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(data folder, run folder, the finished process) of one short single-process training run on
+    ``data`` through ``python -m fdtrain train``, in ``root``: 3 epochs of 16 steps, validation at
+    each epoch end, reconstruction panels every 8 steps. The ``trained_run`` fixture runs it once a session."""
+    recipe = root / "tiny.yaml"
+    recipe.write_text("run: {name: tiny}\n")
+    proc = run(fdtrain_cmd("train", str(recipe), *overrides(data, root / "runs", "tiny", **{"train.epochs": 3})))
+    return data, root / "runs" / "tiny", proc
 
 
 def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:

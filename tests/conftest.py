@@ -23,3 +23,64 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Session-scoped data, built once per test session. Tests treat them as read-only: one that damages
+# a shard copies the folder (shutil.copytree) or writes its own with tests._data_utils.make_shards.
+# ---------------------------------------------------------------------------------------------
+def _cached(tmp_path_factory, name: str, build):
+    """A factory that builds each distinct argument set once, in its own session folder."""
+    made: dict = {}
+
+    def get(*args, **kw):
+        key = repr((args, sorted(kw.items())))
+        if key not in made:
+            made[key] = build(tmp_path_factory.mktemp(name), *args, **kw)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shard_maker(tmp_path_factory):
+    """``shard_maker(n, n_shards, **kw)``: a split folder from tests._data_utils.make_shards (fdtrain's
+    own shard writer; ``corrupt={position: "truncated" | "garbage" | fn(Sample) -> Sample}``)."""
+    from tests._data_utils import make_shards
+
+    return _cached(tmp_path_factory, "shards",
+                   lambda root, n, n_shards, split="train", **kw: make_shards(root / split, n, n_shards, **kw))
+
+
+@pytest.fixture(scope="session")
+def easy_dataset(tmp_path_factory):
+    """``easy_dataset(train_videos=16, eval_videos=8, shards=4)``: learnable ``{train,val,test}``
+    shards (tests._data_utils.write_easy_dataset), one folder per distinct size."""
+    from tests._data_utils import write_easy_dataset
+
+    return _cached(tmp_path_factory, "easy", lambda root, **kw: write_easy_dataset(root / "data", **kw))
+
+
+@pytest.fixture(scope="session")
+def easy_data(easy_dataset):
+    """The default easy dataset (64 / 32 / 32 frames in 4 shards a split)."""
+    return easy_dataset()
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory):
+    """The synthetic benchmark at a tiny size through the real commands (`fdtrain synth`: 8
+    identities, 2 frames, 64 px; `fdtrain shards make --holdout-tests`, every method, 2 shards
+    a split): ``<returned>/{train,val,test,test_<Method>...}``."""
+    from tests._data_utils import make_synth_shards
+
+    return make_synth_shards(tmp_path_factory.mktemp("synth"), methods="")
+
+
+@pytest.fixture(scope="session")
+def trained_run(easy_data, tmp_path_factory):
+    """(data folder, run folder, finished process) of the one short training run that the engine,
+    TensorBoard, evaluate/predict, report and serving tests share (tests._engine_utils.trained_run)."""
+    from tests import _engine_utils as U
+
+    return U.trained_run(easy_data, tmp_path_factory.mktemp("trained"))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 
 from fdtrain.data import DataError, build_loader
-from tests._loader_utils import small_cfg, write_split
+from tests._data_utils import make_shards, small_cfg
 
 BACKENDS = ["dali", "torch"]
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_split(tmp_path_factory.mktemp("balance") / "train", 48, 4, size=64, seed=7, real_every=4)
+def split(shard_maker):
+    return shard_maker(48, 4, seed=7, real_every=4)
 
 
 def _label(key: str) -> int:
@@ -97,6 +97,6 @@ def test_resume_mid_epoch_keeps_the_sequence(split, backend, balance):
 
 
 def test_balancing_a_split_with_one_class_is_refused(tmp_path):
-    reals = write_split(tmp_path / "train", 8, 2, size=64, real_every=1)
+    reals = make_shards(tmp_path / "train", 8, 2, real_every=1)
     with pytest.raises(DataError, match="data.balance=weighted.*8 real and 0 fake"):
         build_loader(_cfg(reals, "torch", "weighted"), "train")

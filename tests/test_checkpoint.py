@@ -115,12 +115,12 @@ def test_keeps_last_k_plus_best_and_ignores_partial_writes(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(easy_dataset, tmp_path):
     """SIGKILL the trainer while a checkpoint folder is being written: the newest complete one
     still loads (plain torch and --resume auto), and the partial one is ignored, then removed."""
     from fdtrain.inference import load_model
 
-    data = U.write_easy_dataset(tmp_path / "data", train_videos=8, eval_videos=2, shards=2)
+    data = easy_dataset(train_videos=8, eval_videos=2, shards=2)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("run: {name: k9}\n")
     args = U.overrides(data, tmp_path / "runs", "k9", **{"train.max_steps": 40, "checkpoint.every_steps": 1,

@@ -12,13 +12,8 @@ from tests import _engine_utils as U
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return U.trained_run(tmp_path_factory)
-
-
-def test_short_run_lifts_validation_auc_well_above_chance(trained):
-    _, run_dir, proc = trained
+def test_short_run_lifts_validation_auc_well_above_chance(trained_run):
+    _, run_dir, proc = trained_run
     assert proc.returncode == 0, U.explain(proc)
     m = U.metrics(run_dir)
     sel = m["selection"]
@@ -29,8 +24,8 @@ def test_short_run_lifts_validation_auc_well_above_chance(trained):
     assert m["final_step"] == 48 and m["epochs"] == 3 and m["nonfinite_skipped"] == 0
 
 
-def test_run_folder_holds_config_checkpoints_and_metrics(trained):
-    _, run_dir, _ = trained
+def test_run_folder_holds_config_checkpoints_and_metrics(trained_run):
+    _, run_dir, _ = trained_run
     cfg = resolve(run_dir / "config.yaml")  # the resolved config feeds back as a recipe
     assert cfg.model.input_size == 64 and cfg.run.name == "tiny"
     steps = [s for s, _ in ck.list_checkpoints(run_dir / "checkpoints")]
@@ -42,25 +37,20 @@ def test_run_folder_holds_config_checkpoints_and_metrics(trained):
     assert (run_dir / "tb").is_dir()
 
 
-def test_fresh_run_refuses_a_run_folder_with_checkpoints(trained):
-    data, run_dir, _ = trained
+def test_fresh_run_refuses_a_run_folder_with_checkpoints(trained_run):
+    data, run_dir, _ = trained_run
     recipe = run_dir.parent.parent / "tiny.yaml"
     proc = U.run(U.fdtrain_cmd("train", str(recipe), *U.overrides(data, run_dir.parent, "tiny")))
     assert proc.returncode == 2, U.explain(proc)
     assert "already has checkpoints" in proc.stderr and "--resume auto" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    return U.write_easy_dataset(tmp_path_factory.mktemp("small") / "data")
-
-
-def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
+def test_resume_equals_an_uninterrupted_run(easy_data, tmp_path):
     """10 steps, stop, resume, 10 more == 20 uninterrupted: same batches in the same order (the stop
     is mid-epoch, the second half crosses into epoch 2), same step count, same weights and Adam
     moments (tolerance 1e-6; on one CPU thread they come out bit-identical)."""
     def cfg(name, steps, resume=""):
-        return resolve(None, U.overrides(small_data, tmp_path, name, **{
+        return resolve(None, U.overrides(easy_data, tmp_path, name, **{
             "train.max_steps": steps, "data.val": "", "data.test": {}, "run.resume": resume,
             "optim.schedule": "hold_step", "optim.hold_steps": 6, "optim.decay_every": 3}))
 
@@ -82,9 +72,9 @@ def test_resume_equals_an_uninterrupted_run(small_data, tmp_path):
         assert torch.allclose(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"], atol=1e-9, rtol=0)
 
 
-def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(small_data, tmp_path, capsys):
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(easy_data, tmp_path, capsys):
     # lr 1e30: the first update throws the weights to ~1e30, every later loss overflows to NaN
-    cfg = resolve(None, U.overrides(small_data, tmp_path, "nan", **{
+    cfg = resolve(None, U.overrides(easy_data, tmp_path, "nan", **{
         "train.max_steps": 20, "train.max_nonfinite": 2, "optim.lr": 1e30, "optim.warmup_steps": 0,
         "checkpoint.every_steps": 1, "data.val": "", "data.test": {}}))
     assert U.in_process(cfg) == 3
@@ -97,9 +87,9 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(small_d
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
 
-def test_grad_accumulation_and_test_set_selection_label(small_data, tmp_path):
+def test_grad_accumulation_and_test_set_selection_label(easy_data, tmp_path):
     keys = []
-    cfg = resolve(None, U.overrides(small_data, tmp_path, "acc", **{
+    cfg = resolve(None, U.overrides(easy_data, tmp_path, "acc", **{
         "train.max_steps": 3, "train.grad_accum": 2, "eval.every_steps": 3, "eval.select_on": "test",
         "data.val": ""}))
     assert U.in_process(cfg, keys) == 0
@@ -110,8 +100,8 @@ def test_grad_accumulation_and_test_set_selection_label(small_data, tmp_path):
     assert Path(ck.best_checkpoint(tmp_path / "acc" / "checkpoints")).name == "step-00000003"
 
 
-def test_bf16_autocast_trains_and_saves_fp32_weights(small_data, tmp_path):
-    cfg = resolve(None, U.overrides(small_data, tmp_path, "bf16", **{
+def test_bf16_autocast_trains_and_saves_fp32_weights(easy_data, tmp_path):
+    cfg = resolve(None, U.overrides(easy_data, tmp_path, "bf16", **{
         "train.max_steps": 2, "train.mixed_precision": "bf16", "data.val": "", "data.test": {},
         "logging.every_steps": 1}))
     assert U.in_process(cfg) == 0

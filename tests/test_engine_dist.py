@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return U.write_easy_dataset(tmp_path_factory.mktemp("dist") / "data")
+def data(easy_dataset):
+    return easy_dataset()
 
 
 def _recipe(tmp_path, name):

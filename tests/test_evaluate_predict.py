@@ -11,8 +11,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    data, run_dir, proc = U.trained_run(tmp_path_factory)
+def trained(trained_run):
+    data, run_dir, proc = trained_run
     assert proc.returncode == 0, U.explain(proc)
     return data, run_dir
 

@@ -11,12 +11,12 @@ import torch
 
 from fdtrain.data import build_loader
 from fdtrain.models import create_model
-from tests._loader_utils import small_cfg, write_split
+from tests._data_utils import small_cfg
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_split(tmp_path_factory.mktemp("exact") / "train", 16, 2, size=64, seed=5)
+def shards(shard_maker):
+    return shard_maker(16, 2, seed=5)
 
 
 def _batches(cfg, n=2):

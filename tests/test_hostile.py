@@ -15,8 +15,8 @@ LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T]")  # logging records (INFO/WARNI
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return U.write_easy_dataset(tmp_path_factory.mktemp("hostile") / "data", train_videos=4, eval_videos=2, shards=2)
+def data(easy_dataset):
+    return easy_dataset(train_videos=4, eval_videos=2, shards=2)
 
 
 def _train(tmp_path, data, name, *extra, **fields):

@@ -22,8 +22,8 @@ HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return U.write_easy_dataset(tmp_path_factory.mktemp("hot") / "data", train_videos=16, eval_videos=2, shards=2)
+def data(easy_dataset):
+    return easy_dataset(train_videos=16, eval_videos=2, shards=2)
 
 
 def _trainer(data, tmp_path, name, **extra):

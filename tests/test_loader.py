@@ -11,7 +11,7 @@ import torch
 
 from fdtrain.data import DataError, augment, build_loader
 from fdtrain.data.loading import build as build_mod
-from tests._loader_utils import sample_keys, small_cfg, write_split
+from tests._data_utils import make_shards, sample_keys, small_cfg
 
 BACKENDS = ["dali", "torch"]
 # DALI and the fallback decode JPEG with the same libjpeg-turbo (identical pixels: checked at 64->64)
@@ -20,11 +20,10 @@ GREY = 1 / 127.5  # one grey level in normalized units
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
+def data(shard_maker):
     return {
-        "train": write_split(root / "train", 64, 5, seed=1),  # uneven shards: 13,13,13,13,12
-        "val": write_split(root / "val", 37, 3, split="val", seed=2),  # odd: padding on 2 ranks
+        "train": shard_maker(64, 5, seed=1, size=80),  # uneven shards: 13,13,13,13,12
+        "val": shard_maker(37, 3, split="val", seed=2, size=80),  # odd: padding on 2 ranks
     }
 
 
@@ -210,7 +209,7 @@ def test_backend_choice_is_logged_and_fallback_is_automatic(data, monkeypatch, c
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_png_samples_and_dtype(tmp_path, backend):
-    folder = write_split(tmp_path / "png", 6, 2, split="val", image_ext="png", size=64)
+    folder = make_shards(tmp_path / "png", 6, 2, split="val", image_ext="png")
     cfg = small_cfg(val=folder, backend=backend)
     b = next(iter(build_loader(cfg, "val", dtype=torch.bfloat16)))
     assert b["x"].dtype == torch.bfloat16 and b["x"].shape == (4, 3, 64, 64) and b["label"].dtype == torch.float32

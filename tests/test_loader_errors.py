@@ -1,22 +1,22 @@
 """Bad input reaches the user as a clear error (or a counted skip), before training or at the sample."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from fdtrain.data import DataError, build_loader
-from tests._loader_utils import sample_keys, small_cfg, write_split
+from tests._data_utils import make_shards, sample_keys, small_cfg
 
 BACKENDS = ["dali", "torch"]
 pytestmark = pytest.mark.timeout(120)  # "never a hang"
 
 
 @pytest.fixture(scope="module")
-def corrupt(tmp_path_factory):
+def corrupt(shard_maker):
     """12 samples in 2 shards; sample 8 (shard 1) is a truncated JPEG, sample 3 (shard 0) not an image."""
-    root = tmp_path_factory.mktemp("bad")
-    return write_split(root / "val", 12, 2, split="val", size=64, corrupt={8: "truncated", 3: "garbage"})
+    return shard_maker(12, 2, split="val", corrupt={8: "truncated", 3: "garbage"})
 
 
 def _keys(loader):
@@ -25,9 +25,9 @@ def _keys(loader):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ["garbage", "truncated"])
-def test_corrupt_jpeg_names_shard_and_key(tmp_path, backend, which):
+def test_corrupt_jpeg_names_shard_and_key(shard_maker, backend, which):
     n = 3 if which == "garbage" else 8
-    folder = write_split(tmp_path / "val", 12, 2, split="val", size=64, corrupt={n: which})
+    folder = shard_maker(12, 2, split="val", corrupt={n: which})
     cfg = small_cfg(val=folder, backend=backend)
     shard = "shard-000000.tar" if n < 6 else "shard-000001.tar"
     with pytest.raises(DataError, match=rf"undecodable image in shard \S*{shard}, key {sample_keys(12)[n]}"):
@@ -60,7 +60,7 @@ def test_on_corrupt_skip_counts_and_keeps_the_rest(corrupt, backend):
 
 
 def test_missing_index_is_built_with_a_warning_or_refused(tmp_path):
-    folder = write_split(tmp_path / "val", 6, 2, split="val", size=64, index=False)
+    folder = make_shards(tmp_path / "val", 6, 2, split="val", index=False)
     cfg = small_cfg(val=folder, backend="dali", missing_index="error")
     with pytest.raises(DataError, match=r"shard-000000.tar: no DALI index shard-000000.idx .*wds2idx"):
         build_loader(cfg, "val")
@@ -76,8 +76,8 @@ def test_missing_index_is_built_with_a_warning_or_refused(tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stale_index_is_refused(tmp_path, backend):
-    folder = write_split(tmp_path / "val", 6, 2, split="val", size=64)
-    write_split(tmp_path / "other", 4, 2, split="val", size=64)
+    folder = make_shards(tmp_path / "val", 6, 2, split="val")
+    make_shards(tmp_path / "other", 4, 2, split="val")
     (folder / "shard-000001.idx").write_text((tmp_path / "other" / "shard-000001.idx").read_text())
     with pytest.raises(DataError, match=r"shard-000001.tar: its index lists 2 samples but manifest.json says 3"):
         build_loader(small_cfg(val=folder, backend=backend), "val")
@@ -86,9 +86,7 @@ def test_stale_index_is_refused(tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_truncated_or_stale_shard_is_named_at_start(tmp_path, backend):
     """The shard's size against the one `fdtrain shards make` recorded, before any sample is read."""
-    from tests._engine_utils import write_easy_split
-
-    folder = write_easy_split(tmp_path / "val", 4, 2, split="val", seed=0)
+    folder = make_shards(tmp_path / "val", 16, 2, by_video=True)
     tar = folder / "shard-000001.tar"
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2])  # an interrupted copy
@@ -101,14 +99,14 @@ def test_truncated_or_stale_shard_is_named_at_start(tmp_path, backend):
 
 
 def test_index_that_does_not_match_its_tar_is_caught_by_the_fallback(tmp_path):
-    folder = write_split(tmp_path / "val", 6, 2, split="val", size=64)
+    folder = make_shards(tmp_path / "val", 6, 2, split="val")
     (folder / "shard-000001.idx").write_text((folder / "shard-000000.idx").read_text())  # same count, wrong tar
     with pytest.raises(DataError, match=r"shard-000001.tar: member \S+ is not where \S+shard-000001.idx says"):
         _keys(build_loader(small_cfg(val=folder, backend="torch"), "val"))
 
 
 def test_refused_before_training(tmp_path):
-    folder = write_split(tmp_path / "train", 16, 3, size=64)
+    folder = make_shards(tmp_path / "train", 16, 3)
     cfg = small_cfg(train=folder, backend="torch", num_workers=2)
     with pytest.raises(DataError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 worker\(s\) \(data.num_workers\)"):
         build_loader(cfg, "train", world_size=2)
@@ -134,28 +132,12 @@ def test_refused_before_training(tmp_path):
         build_loader(cfg, "val", path=str(folder))
 
 
+def _label_7(sample):
+    return dataclasses.replace(sample, label=7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_label_names_the_key(tmp_path, backend):
-    import wds2idx
-    import webdataset as wds
-
-    folder = tmp_path / "val"
-    folder.mkdir()
-    with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
-        w.write({"__key__": "a/b/c/0000", "jpg": _jpeg(), "cls": b"7"})
-    with wds2idx.IndexCreator(str(folder / "shard-000000.tar"), str(folder / "shard-000000.idx"), verbose=False) as c:
-        c.create_index()
-    shards = [{"name": "shard-000000.tar", "num_samples": 1}]
-    (folder / "manifest.json").write_text(json.dumps({"split": "val", "num_samples": 1, "shards": shards}))
-    with pytest.raises(DataError, match=r"key a/b/c/0000: cls must be '0' or '1', got b'7'"):
+def test_bad_label_names_the_key(shard_maker, backend):
+    folder = shard_maker(1, 1, split="val", corrupt={0: _label_7})
+    with pytest.raises(DataError, match=rf"key {sample_keys(1)[0]}: cls must be '0' or '1', got b'7'"):
         _keys(build_loader(small_cfg(val=folder, backend=backend), "val"))
-
-
-def _jpeg():
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
-    return buf.getvalue()

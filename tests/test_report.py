@@ -116,11 +116,11 @@ def test_paper_numbers_have_one_owner_the_recipes(tmp_path):
         assert not re.search(r"\d\d\.\d\d", header), f"{recipe}: paper numbers in comments (eval.paper owns them)"
 
 
-def test_metrics_json_and_evaluate_carry_fingerprints(tmp_path_factory):
+def test_metrics_json_and_evaluate_carry_fingerprints(trained_run):
     from fdtrain.engine.evaluate import evaluate_checkpoint
     from fdtrain.fingerprint import config_hash, sha256_file
 
-    data, run_dir, proc = U.trained_run(tmp_path_factory)
+    data, run_dir, proc = trained_run
     assert proc.returncode == 0, U.explain(proc)
     fp = U.metrics(run_dir)["fingerprint"]
     assert re.fullmatch(r"[0-9a-f]{40}", fp["git"]["commit"]) and isinstance(fp["git"]["dirty"], bool)

@@ -14,8 +14,8 @@ STEPS = 11  # 8 steps per epoch (32 samples, batch 4): the resumed part crosses 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return U.write_easy_dataset(tmp_path_factory.mktemp("resume") / "data", train_videos=8, eval_videos=2, shards=4)
+def data(easy_dataset):
+    return easy_dataset(train_videos=8, eval_videos=2, shards=4)
 
 
 @pytest.mark.parametrize("backend,workers", [("dali", 0), ("torch", 0), ("torch", 2)])

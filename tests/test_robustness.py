@@ -11,6 +11,7 @@ from PIL import Image, ImageEnhance
 
 from fdtrain.data import distortions as D
 from tests import _engine_utils as U
+from tests._data_utils import make_shards
 
 LEVELS = D.LEVELS
 
@@ -174,7 +175,7 @@ def _tiny_run(root: Path) -> tuple[Path, Path]:
     from fdtrain.config import resolve
     from fdtrain.models import create_model_from_config
 
-    data = U.write_easy_split(root / "test", 4, 2, split="test", seed=3)
+    data = make_shards(root / "test", 16, 2, seed=3, by_video=True)
     cfg = resolve(None, ["--model.input_size=64", "--model.pretrained=false", "--data.eval_batch_size=8",
                          "--data.num_workers=1", "--data.backend=torch", "--run.name=tiny"])
     torch.manual_seed(0)
@@ -282,9 +283,9 @@ def test_bad_types_and_levels_are_refused_naming_the_valid_ones(swept, capsys):
 
 
 @pytest.mark.slow
-def test_training_ends_with_the_sweep(tmp_path):
+def test_training_ends_with_the_sweep(easy_dataset, tmp_path):
     """eval.robustness: the trainer's final evaluation runs the sweep on every test set."""
-    data = U.write_easy_dataset(tmp_path / "data", train_videos=4, eval_videos=4, shards=2)
+    data = easy_dataset(train_videos=4, eval_videos=4, shards=2)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("run: {name: rb}\neval: {robustness: {types: [CC], levels: [5]}}\n")
     proc = U.run(U.fdtrain_cmd("train", str(recipe), *U.overrides(data, tmp_path / "runs", "rb",

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return U.write_easy_dataset(tmp_path_factory.mktemp("scale") / "data", train_videos=16, eval_videos=2, shards=4)
+def data(easy_dataset):
+    return easy_dataset(train_videos=16, eval_videos=2, shards=4)
 
 
 # warmup 4, hold 2, x0.5 every 2 reference steps of 8 samples: a curve with a ramp, a plateau and steps
@@ -131,9 +131,9 @@ def test_a_rank_local_data_error_names_its_rank_and_host(tmp_path):
     """A corrupt image in one rank's part of the shards: that rank's message says which rank and host."""
     import re
 
-    from tests._loader_utils import write_split
+    from tests._data_utils import make_shards
 
-    bad = write_split(tmp_path / "bad", 32, 4, size=64, corrupt={9: "garbage"})
+    bad = make_shards(tmp_path / "bad", 32, 4, corrupt={9: "garbage"})
     recipe = tmp_path / "r.yaml"
     recipe.write_text("run: {name: bad}\n")
     args = U.overrides(tmp_path, tmp_path / "runs", "bad", **{

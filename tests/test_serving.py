@@ -22,12 +22,12 @@ def run_without_torch(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(trained_run, tmp_path_factory):
     """The shared short training run (a model whose scores move with the input), exported to ONNX;
     face crops from its test shards, some resized away from the model's 64 px, and a face video."""
     from fdtrain.serving.export import export
 
-    data, run_dir, proc = U.trained_run(tmp_path_factory)
+    data, run_dir, proc = trained_run
     assert proc.returncode == 0, U.explain(proc)
     root = tmp_path_factory.mktemp("served")
     export(run_dir, "onnx", root / "m.onnx")
@@ -83,16 +83,3 @@ def test_onnx_predict_errors_name_the_file(served, tmp_path):
     assert proc.returncode == 2 and "junk.onnx" in proc.stderr and "ONNX Runtime cannot load" in proc.stderr
     proc = run_without_torch("predict", "--model", str(run_dir), img)
     assert proc.returncode == 2 and "expected an .onnx file" in proc.stderr
-
-
-def test_bench_serve_reports_both_paths(tmp_path, capsys):
-    from fdtrain.cli import main
-
-    out = tmp_path / "bench.json"
-    assert main(["bench", "serve", "--size", "64", "--batch-size", "2", "--batches", "1", "--warmup", "0",
-                 "--threads", "1", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert set(result["results"]) == {"pytorch", "onnxruntime"} and result["size"] == 64
-    assert all(r["images_per_s"] > 0 for r in result["results"].values())
-    assert result["max_score_diff"] < 1e-5
-    assert "onnxruntime / pytorch speed" in capsys.readouterr().out

@@ -15,16 +15,11 @@ import pytest
 
 from fdtrain.data import format as sh
 from fdtrain.data.prep.verify import verify
-from tests._data_utils import make_synth_shards, read_split
+from tests._data_utils import crop_jpeg, read_split
 
 
 def _jpeg(seed: int, size: int = 32) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3)).astype(np.uint8)
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    return crop_jpeg(np.random.default_rng(seed), size)
 
 
 def _samples(n: int) -> list[sh.Sample]:
@@ -135,11 +130,11 @@ def test_build_index_of_a_foreign_tar_matches_wds2idx(tmp_path):
         sh.build_index(tmp_path / "junk.tar", tmp_path / "junk.idx")
 
 
-def test_dali_reads_shards_with_index(tmp_path):
+def test_dali_reads_shards_with_index(synth_shards):
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn, pipeline_def
 
-    out = make_synth_shards(tmp_path, holdout_tests=False)
+    out = synth_shards
     for split in ("train", "test"):
         d = out / split
         m = json.loads((d / "manifest.json").read_text())
@@ -213,8 +208,8 @@ def test_verify_catches_wrong_index_and_missing_shard(written, capsys):
     assert "shard-000002.idx: does not match" in out and "shard-000001.tar: missing" in out
 
 
-def test_verify_cli_exit_code_on_dataset_folder(tmp_path):
-    out = make_synth_shards(tmp_path, holdout_tests=False)
+def test_verify_cli_exit_code_on_dataset_folder(synth_shards, tmp_path):
+    out = shutil.copytree(synth_shards, tmp_path / "shards")
     from fdtrain.cli import main
 
     assert main(["shards", "verify", str(out)]) == 0

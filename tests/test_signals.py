@@ -49,8 +49,7 @@ def _finish(proc, timeout=300):
     return out
 
 
-def _setup(tmp_path, name, **extra):
-    data = U.write_easy_dataset(tmp_path / "data", train_videos=8, eval_videos=2, shards=2)
+def _setup(data, tmp_path, name, **extra):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"run: {{name: {name}}}\n")
     args = U.overrides(data, tmp_path / "runs", name, **{"train.max_steps": 400, "data.val": "", "data.test": {},
@@ -59,8 +58,8 @@ def _setup(tmp_path, name, **extra):
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_exits_75_and_resume_auto_finishes(tmp_path):
-    recipe, args, run_dir = _setup(tmp_path, "sig1")
+def test_sigusr1_checkpoints_exits_75_and_resume_auto_finishes(easy_dataset, tmp_path):
+    recipe, args, run_dir = _setup(easy_dataset(train_videos=8, eval_videos=2, shards=2), tmp_path, "sig1")
     proc = _start(U.fdtrain_cmd("train", str(recipe), *args), run_dir)
     proc.send_signal(signal.SIGUSR1)
     out = _finish(proc)
@@ -110,12 +109,12 @@ def _deliver(case: str, launcher: subprocess.Popen, workers: dict[int, psutil.Pr
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", ["usr1_to_rank1", "term_to_all_twice", "usr1_to_launcher_group", "kill9_launcher"])
-def test_preemption_matrix_under_fdtrain_launch(tmp_path, case):
+def test_preemption_matrix_under_fdtrain_launch(easy_dataset, tmp_path, case):
     """2 CPU ranks under `python -m fdtrain.launch accelerate`: every way a pre-emption arrives ends
     in a checkpoint written by both ranks at the same step, exit 75 from the launcher, and no worker
     left running. After SIGTERM to everyone, `--resume auto` ends with the weights of an
     uninterrupted run."""
-    recipe, args, run_dir = _setup(tmp_path, "sig2")
+    recipe, args, run_dir = _setup(easy_dataset(train_videos=8, eval_videos=2, shards=2), tmp_path, "sig2")
     cmd = U.accelerate_cmd("launch/accelerate/cpu2.yaml", "train", str(recipe), *args, fdtrain_launch=True)
     proc = subprocess.Popen(cmd, cwd=U.REPO, env=U.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

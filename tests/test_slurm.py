@@ -3,8 +3,8 @@ job warned of its time limit checkpoints, requeues itself and finishes with `--r
 
 launch/slurm_local.sh starts munged, slurmctld and slurmd from a minimal slurm.conf (installing
 Debian's packages when they are missing); the tests skip, saying why, only when SLURM cannot be
-installed here. The data is a tiny synthetic benchmark made with the real `fdtrain synth` and
-`fdtrain shards make`.
+installed here. The data is the session's tiny synthetic benchmark (the ``synth_shards`` fixture: the real
+`fdtrain synth` and `fdtrain shards make`).
 
 Polling: `sbatch --wait` polls slowly (up to ~30 s late), so the tests poll squeue / scontrol.
 """
@@ -52,19 +52,6 @@ def slurm_env():
     yield env
     if not was_up:
         subprocess.run(["bash", str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """A tiny synthetic benchmark (all four manipulations plus per-method test folders), 2 shards a split."""
-    d = tmp_path_factory.mktemp("slurm_data")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fd = [sys.executable, "-m", "fdtrain"]
-    _run([*fd, "synth", "--out", str(d / "synth"), "--videos", "8", "--frames", "2", "--size", "64",
-          "--workers", "1"], env=env, timeout=300)
-    _run([*fd, "shards", "make", "--source", "synth", "--root", str(d / "synth"), "--out", str(d / "shards"),
-          "--holdout-tests", "--min-shards", "2", "--workers", "1", "--no-progress"], env=env, timeout=300)
-    return d / "shards"
 
 
 def _tiny_overrides(shards: Path, out_dir: Path, name: str, max_steps: int) -> list[str]:
@@ -125,9 +112,9 @@ def _wait(env: dict, job: str, log: Path, timeout: float, until=None) -> dict[st
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
-def test_train_sbatch_runs_two_cpu_ranks(slurm_env, shards, tmp_path, launcher):
+def test_train_sbatch_runs_two_cpu_ranks(slurm_env, synth_shards, tmp_path, launcher):
     log = tmp_path / "job.out"
-    args = ["recipes/demo.yaml", *_tiny_overrides(shards, tmp_path / "runs", "slurm_plain", max_steps=3)]
+    args = ["recipes/demo.yaml", *_tiny_overrides(synth_shards, tmp_path / "runs", "slurm_plain", max_steps=3)]
     job = _submit(slurm_env, log, args, FDTRAIN_LAUNCHER=launcher)
     rec = _wait(slurm_env, job, log, timeout=600)
     text = log.read_text()
@@ -142,7 +129,7 @@ def test_train_sbatch_runs_two_cpu_ranks(slurm_env, shards, tmp_path, launcher):
         return
     # slurm/eval.sbatch on the run just trained
     elog, out = tmp_path / "eval.out", tmp_path / "eval.json"
-    job = _submit(slurm_env, elog, ["--checkpoint", str(run), "--data", f"{shards}/test_NeuralTextures",
+    job = _submit(slurm_env, elog, ["--checkpoint", str(run), "--data", f"{synth_shards}/test_NeuralTextures",
                                     "--out", str(out)], script="slurm/eval.sbatch")
     rec = _wait(slurm_env, job, elog, timeout=300)
     assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), elog.read_text()[-4000:]
@@ -151,12 +138,12 @@ def test_train_sbatch_runs_two_cpu_ranks(slurm_env, shards, tmp_path, launcher):
 
 
 @pytest.mark.parametrize("how", ["USR1 to the batch shell", "TERM to the step"])
-def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, tmp_path, how):
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, synth_shards, tmp_path, how):
     """What --signal=B:USR1@120 delivers (SIGUSR1 to the batch shell only), and what a pre-emption
     delivers through srun (SIGTERM to every process of the step: launcher and workers at once)."""
     log = tmp_path / "job.out"
     steps = 12
-    args = ["recipes/demo.yaml", *_tiny_overrides(shards, tmp_path / "runs", "slurm_requeue", max_steps=steps)]
+    args = ["recipes/demo.yaml", *_tiny_overrides(synth_shards, tmp_path / "runs", "slurm_requeue", max_steps=steps)]
     job = _submit(slurm_env, log, args)
     _wait(slurm_env, job, log, timeout=600, until=lambda t: re.search(r"^step \d+/", t, re.M) is not None)
     if how.startswith("USR1"):
@@ -178,10 +165,10 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, t
     assert final == steps
 
 
-def test_seeds_sbatch_one_run_per_seed_then_report(slurm_env, shards, tmp_path):
+def test_seeds_sbatch_one_run_per_seed_then_report(slurm_env, synth_shards, tmp_path):
     """A job array over run.seed: each task trains in its own run folder; `fdtrain report` averages them."""
     seeds_dir = tmp_path / "seeds"
-    over = [o for o in _tiny_overrides(shards, tmp_path / "unused", "seedrun", max_steps=2)
+    over = [o for o in _tiny_overrides(synth_shards, tmp_path / "unused", "seedrun", max_steps=2)
             if not o.startswith("--run.out_dir=")]
     log = tmp_path / "seeds-%a.out"
     # one CPU process per seed, so the two tasks run side by side on the test node's 2 CPUs

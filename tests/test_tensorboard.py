@@ -26,10 +26,10 @@ def test_recon_panel_rows_and_roc_image():
 
 
 @pytest.mark.slow
-def test_event_files_hold_scalars_images_text_and_hparams(tmp_path_factory):
+def test_event_files_hold_scalars_images_text_and_hparams(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, run_dir, proc = U.trained_run(tmp_path_factory)
+    _, run_dir, proc = trained_run
     assert proc.returncode == 0, U.explain(proc)
     ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     ea.Reload()

@@ -7,8 +7,8 @@ from tests import _engine_utils as U
 
 
 @pytest.mark.slow
-def test_bench_train_reports_images_per_second_and_data_wait(tmp_path):
-    data = U.write_easy_dataset(tmp_path / "data", train_videos=8, eval_videos=2, shards=2)
+def test_bench_train_reports_images_per_second_and_data_wait(easy_dataset, tmp_path):
+    data = easy_dataset(train_videos=8, eval_videos=2, shards=2)
     out = tmp_path / "bench.json"
     proc = U.run(U.fdtrain_cmd("bench", "train", "--data", str(data), "--steps", "2", "--warmup", "1",
                                "--backend", "dali", "--device", "cpu", "--json", str(out)))
