@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------
 # The tree. Every field carries a one-line doc in metadata["doc"] (shown by `fdtrain train
-# --help-config`).
+# --help-config`). Each section checks its own values in validate(): the one place for a field's
+# rule, whoever builds the section (a recipe, a checkpoint, create_model, FakeDifferLoss).
 # --------------------------------------------------------------------------------------------
 def f(default: Any, doc: str) -> Any:
     """A dataclass field with a doc line; mutable defaults are copied per instance."""
@@ -34,9 +35,48 @@ def f(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+class Section:
+    """Base of the section dataclasses: ``validate()`` and the helpers its rules share."""
+
+    SECTION: ClassVar[str] = ""  # the dotted name errors use, e.g. "model" or "eval.robustness"
+
+    def validate(self) -> None:
+        """The choices of every Literal field (recipes check them on reading; a section built in
+        code, e.g. by create_model, is checked here), then the section's own rules."""
+        hints = _hints(type(self))
+        for fl in dataclasses.fields(self):
+            tp = hints[fl.name]
+            if typing.get_origin(tp) is Literal and getattr(self, fl.name) not in typing.get_args(tp):
+                self._fail(fl.name, f"expected one of {list(typing.get_args(tp))}, got {getattr(self, fl.name)!r}")
+        self.check()
+
+    def check(self) -> None:
+        """The section's rules beyond its field types."""
+
+    def _fail(self, key: str, message: str) -> None:
+        raise ConfigError(f"{self.SECTION}.{key}: {message}")
+
+    def _positive(self, *keys: str) -> None:
+        for k in keys:
+            if getattr(self, k) <= 0:
+                self._fail(k, f"must be > 0, got {getattr(self, k)}")
+
+    def _non_negative(self, *keys: str) -> None:
+        for k in keys:
+            if getattr(self, k) < 0:
+                self._fail(k, f"must be >= 0, got {getattr(self, k)}")
+
+    def _probability(self, *keys: str) -> None:
+        for k in keys:
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                self._fail(k, f"a probability in [0, 1], got {getattr(self, k)}")
+
+
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     """Identity and placement of a run."""
+
+    SECTION = "run"
 
     name: str = f("run", "run name; outputs go to <out_dir>/<name>/")
     out_dir: str = f("runs", "parent folder of run folders")
@@ -47,10 +87,23 @@ class RunConfig:
     nccl_timeout_s: int = f(1800, "timeout of the process group's collectives (NCCL or gloo), seconds: a rank "
                                   "that waits longer (a hung peer) fails instead of blocking the job forever")
 
+    def check(self) -> None:
+        name = self.name
+        if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+            self._fail("name", f"{name!r} must be one folder name inside run.out_dir ({self.out_dir}): "
+                               "no '/', not '.' or '..'")
+        if self.nccl_timeout_s <= 0:
+            self._fail("nccl_timeout_s", f"must be > 0 seconds, got {self.nccl_timeout_s}")
+
+
+MODEL_SOURCES = ("inva", "real", "fake")  # the fusable feature sources (fdtrain.models.fakediffer.SOURCES)
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """FakeDiffer and its ablations (design/model.md)."""
+
+    SECTION = "model"
 
     name: str = f("fakediffer", "registered model name for create_model")
     variant: Literal["fakediffer", "xception", "dual_recons"] = f(
@@ -81,10 +134,26 @@ class ModelConfig:
         """Noisy views X~ a training batch must carry: two_pass draws a fresh one for each pass."""
         return 2 if self.forward == "two_pass" and self.variant != "xception" else 1
 
+    def check(self) -> None:
+        src = list(self.sources)
+        if not src or any(s not in MODEL_SOURCES for s in src):
+            self._fail("sources", f"need a non-empty subset of {list(MODEL_SOURCES)}, got {src}")
+        if len(set(src)) != len(src):
+            self._fail("sources", f"repeated entries in {src}")
+        if self.input_size < 32:
+            self._fail("input_size", f"Xception needs at least 32 px, got {self.input_size}")
+        for key in ("dropout", "encoder_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                self._fail(key, f"a probability in [0, 1), got {getattr(self, key)}")
+        if self.fusion_reduction < 1:
+            self._fail("fusion_reduction", f"must be >= 1, got {self.fusion_reduction}")
+
 
 @dataclass
-class LossConfig:
+class LossConfig(Section):
     """Eqs. 9-12: classification plus label-masked reconstruction losses."""
+
+    SECTION = "loss"
 
     lambda_r: float = f(0.1, "weight of the real-reconstruction loss L_rr")
     lambda_f: float = f(0.1, "weight of the fake-reconstruction loss L_fr")
@@ -94,10 +163,15 @@ class LossConfig:
         "paired", "paired: each reconstruction vs its own input, averaged over the class (eqs. 9-10); released: "
         "each vs every input of its class, averaged over them, summed over the class (the released code)")
 
+    def check(self) -> None:
+        self._non_negative("flooding")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Shards, loader backend and augmentation."""
+
+    SECTION = "data"
 
     train: str = f("", "training shard folder (with manifest.json) or a tar glob/brace pattern")
     val: str = f("", "validation shard folder; '' = no validation during training")
@@ -122,10 +196,19 @@ class DataConfig:
     hw_decoder_load: float = f(0.65, "DALI mixed decoder: share of JPEGs sent to the GPU's hardware decoder "
                                      "(A100/H100 class; DALI's default), the rest to CUDA nvJPEG")
 
+    def check(self) -> None:
+        self._positive("batch_size", "eval_batch_size")
+        self._non_negative("num_workers")
+        self._probability("flip_p", "noise_p")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            self._fail("hw_decoder_load", f"a share in [0, 1], got {self.hw_decoder_load}")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """Optimizer and learning-rate schedule."""
+
+    SECTION = "optim"
 
     name: Literal["adam", "adamw"] = f("adam", "adam: coupled weight decay as torch.optim.Adam")
     lr: float = f(2e-4, "peak learning rate at optim.reference_batch (see lr_scaling)")
@@ -147,10 +230,21 @@ class OptimConfig:
     fused: bool = f(True, "fused Adam kernel (CUDA and CPU): non-finite steps skipped on the device; "
                           "false: foreach Adam, one host read per step for the skip")
 
+    def check(self) -> None:
+        self._positive("decay_every")
+        self._non_negative("warmup_steps", "hold_steps", "reference_batch")
+        if len(self.betas) != 2:
+            self._fail("betas", f"two values, got {self.betas}")
+        if self.lr_scaling != "none" and not self.reference_batch:
+            raise ConfigError(f"optim.lr_scaling={self.lr_scaling} scales relative to optim.reference_batch, "
+                              "which is 0: set it (the global batch optim.lr was tuned at)")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The loop."""
+
+    SECTION = "train"
 
     epochs: int = f(30, "training epochs")
     max_steps: int = f(0, "stop after this many optimizer steps; 0 = epochs decide")
@@ -163,18 +257,38 @@ class TrainConfig:
                             "(also done at every logging, evaluation and checkpoint step)")
     cudnn_benchmark: bool = f(True, "CUDA: let cuDNN pick the fastest convolution algorithms (fixed input size)")
 
+    def check(self) -> None:
+        self._positive("grad_accum", "sync_every")
+        self._non_negative("max_steps", "steps_per_epoch", "max_nonfinite")
+        if self.epochs < 0 or (self.epochs == 0 and self.max_steps == 0):
+            self._fail("epochs", f"must be >= 1 (or set train.max_steps), got {self.epochs}")
+
 
 @dataclass
-class RobustnessConfig:
+class RobustnessConfig(Section):
     """DeeperForensics-1.0 perturbation sweep of every test set after training (`fdtrain robustness`)."""
+
+    SECTION = "eval.robustness"
 
     types: list[str] = f([], "distortion types: CS, CC, BW, GNC, GB, JPEG, VC or all; [] = no sweep")
     levels: list[int] = f([1, 2, 3, 4, 5], "severity levels, each in 1..5")
 
+    def check(self) -> None:
+        if self.types:  # names and levels checked now, not after training
+            from fdtrain.engine.robustness import parse_levels, parse_types
+
+            try:
+                parse_types(self.types)
+                parse_levels(self.levels)
+            except ConfigError as e:
+                raise ConfigError(f"{self.SECTION}: {e}") from None
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Validation, model selection and final testing."""
+
+    SECTION = "eval"
 
     every_steps: int = f(0, "validate every N optimizer steps; 0 = at each epoch end")
     metric: Literal["auc", "acc", "ap", "eer"] = f("auc", "metric choosing the best checkpoint")
@@ -187,24 +301,44 @@ class EvalConfig:
                          "(metric acc, auc or eer); `fdtrain report` prints them beside the results")
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
+    def check(self) -> None:
+        for entry in self.paper:
+            parts = entry.split()
+            if len(parts) != 3 or parts[1] not in ("acc", "auc", "eer") or not _is_number(parts[2]):
+                self._fail("paper", f"entries are 'SET METRIC VALUE' (metric acc, auc or eer), got {entry!r}")
+        self._non_negative("every_steps", "max_batches")
+        self.robustness.validate()
+
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     """TensorBoard and console output (rank 0)."""
+
+    SECTION = "logging"
 
     tensorboard: bool = f(True, "write TensorBoard events to the run folder")
     every_steps: int = f(50, "scalar logging period in optimizer steps")
     image_every: int = f(1000, "reconstruction panel period in steps; 0 disables")
     progress: Literal["auto", "bar", "plain", "off"] = f("auto", "auto: a bar on a terminal, plain lines otherwise")
 
+    def check(self) -> None:
+        if self.every_steps <= 0:
+            self._fail("every_steps", f"must be >= 1 (log every N steps), got {self.every_steps}")
+        self._non_negative("image_every")
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """What is saved, when, and how many are kept."""
+
+    SECTION = "checkpoint"
 
     every_steps: int = f(0, "save every N optimizer steps; 0 = at each epoch end only")
     keep_last: int = f(3, "periodic checkpoints kept (plus the best)")
     keep_best: bool = f(True, "keep the best checkpoint by eval.metric")
+
+    def check(self) -> None:
+        self._non_negative("every_steps", "keep_last")
 
 
 @dataclass
@@ -474,61 +608,9 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    for entry in cfg.eval.paper:
-        parts = entry.split()
-        if len(parts) != 3 or parts[1] not in ("acc", "auc", "eer") or not _is_number(parts[2]):
-            raise ConfigError(f"eval.paper: entries are 'SET METRIC VALUE' (metric acc, auc or eer), got {entry!r}")
-    bad = [s for s in cfg.model.sources if s not in ("inva", "real", "fake")]
-    if bad or not cfg.model.sources:
-        raise ConfigError(f"model.sources: need a non-empty subset of [inva, real, fake], got {cfg.model.sources}")
-    if len(set(cfg.model.sources)) != len(cfg.model.sources):
-        raise ConfigError(f"model.sources: repeated entries in {cfg.model.sources}")
-    positive = {
-        "model.input_size": cfg.model.input_size,
-        "data.batch_size": cfg.data.batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "optim.decay_every": cfg.optim.decay_every,
-        "train.sync_every": cfg.train.sync_every,
-    }
-    for k, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{k}: must be > 0, got {v}")
-    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
-        raise ConfigError(f"data.hw_decoder_load: a share in [0, 1], got {cfg.data.hw_decoder_load}")
-    for k, v in {"data.flip_p": cfg.data.flip_p, "data.noise_p": cfg.data.noise_p}.items():
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"{k}: a probability in [0, 1], got {v}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: two values, got {cfg.optim.betas}")
-    if cfg.eval.robustness.types:  # names and levels checked now, not after training
-        from fdtrain.engine.robustness import parse_levels, parse_types
-
-        try:
-            parse_types(cfg.eval.robustness.types)
-            parse_levels(cfg.eval.robustness.levels)
-        except ConfigError as e:
-            raise ConfigError(f"eval.robustness: {e}") from None
-    name = cfg.run.name
-    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
-        raise ConfigError(f"run.name: {name!r} must be one folder name inside run.out_dir ({cfg.run.out_dir}): "
-                          "no '/', not '.' or '..'")
-    for k in ("data.num_workers", "optim.warmup_steps", "train.max_steps", "checkpoint.keep_last",
-              "train.steps_per_epoch", "train.max_nonfinite", "optim.hold_steps", "eval.every_steps",
-              "eval.max_batches", "checkpoint.every_steps", "logging.image_every", "optim.reference_batch"):
-        sec, name = k.split(".")
-        if getattr(getattr(cfg, sec), name) < 0:
-            raise ConfigError(f"{k}: must be >= 0, got {getattr(getattr(cfg, sec), name)}")
-    if cfg.logging.every_steps <= 0:
-        raise ConfigError(f"logging.every_steps: must be >= 1 (log every N steps), got {cfg.logging.every_steps}")
-    if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and cfg.train.max_steps == 0):
-        raise ConfigError(f"train.epochs: must be >= 1 (or set train.max_steps), got {cfg.train.epochs}")
-    if cfg.run.nccl_timeout_s <= 0:
-        raise ConfigError(f"run.nccl_timeout_s: must be > 0 seconds, got {cfg.run.nccl_timeout_s}")
-    if cfg.optim.lr_scaling != "none" and not cfg.optim.reference_batch:
-        raise ConfigError(f"optim.lr_scaling={cfg.optim.lr_scaling} scales relative to optim.reference_batch, "
-                          "which is 0: set it (the global batch optim.lr was tuned at)")
+    """Every section's own rules (``Section.validate``), then the rules that span sections (none yet)."""
+    for fl in dataclasses.fields(cfg):
+        getattr(cfg, fl.name).validate()
 
 
 def _is_number(text: str) -> bool:

@@ -20,11 +20,14 @@ applies it, acts on the classification term only.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fdtrain.config import LossConfig
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -39,25 +42,13 @@ class FakeDifferLoss:
     batch (B,3,H,W) in [-1, 1], ``labels`` (B,) with 0 = real, 1 = fake. Computed in fp32 (fp64 stays fp64).
     """
 
-    def __init__(self, cfg=None, *, lambda_r: Optional[float] = None, lambda_f: Optional[float] = None,
-                 recon: Optional[str] = None, flooding: Optional[float] = None,
-                 recon_reduction: Optional[str] = None):
-        def pick(name: str, given, default):
-            if given is not None:
-                return given
-            return getattr(cfg, name) if cfg is not None else default
-
-        self.lambda_r = float(pick("lambda_r", lambda_r, 0.1))
-        self.lambda_f = float(pick("lambda_f", lambda_f, 0.1))
-        self.recon = pick("recon", recon, "l1")
-        self.flooding = float(pick("flooding", flooding, 0.0))
-        self.recon_reduction = pick("recon_reduction", recon_reduction, "paired")
-        if self.recon not in ("l1", "mse"):
-            raise ValueError(f"loss.recon: expected 'l1' or 'mse', got {self.recon!r}")
-        if self.recon_reduction not in ("paired", "released"):
-            raise ValueError(f"loss.recon_reduction: expected 'paired' or 'released', got {self.recon_reduction!r}")
-        if self.flooding < 0:
-            raise ValueError(f"loss.flooding: must be >= 0, got {self.flooding}")
+    def __init__(self, cfg: LossConfig | None = None, **overrides: Any):
+        """``cfg`` (the ``loss`` section; LossConfig's defaults when None) with ``overrides`` of its
+        fields on top, e.g. ``FakeDifferLoss(flooding=0.04)``; checked by LossConfig.validate."""
+        cfg = dataclasses.replace(cfg if cfg is not None else LossConfig(), **overrides)
+        cfg.validate()
+        self.lambda_r, self.lambda_f = float(cfg.lambda_r), float(cfg.lambda_f)
+        self.recon, self.flooding, self.recon_reduction = cfg.recon, float(cfg.flooding), cfg.recon_reduction
 
     def _distance(self, recon: Tensor, x: Tensor) -> Tensor:
         diff = _wide(recon) - _wide(x)  # (B,3,H,W)

@@ -37,7 +37,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if getattr(cfg, "fused", False):
+    if cfg.fused:
         kwargs["fused"] = True
     if cfg.name == "adam":
         return torch.optim.Adam(params, **kwargs)

@@ -12,60 +12,36 @@ from typing import Any
 
 import torch.nn as nn
 
+from fdtrain.config import ModelConfig
+
 from .fakediffer import SOURCES, FakeDiffer, FakeDifferOutput, XceptionClassifier
 
 __all__ = ["create_model", "create_model_from_config", "FakeDiffer", "FakeDifferOutput", "XceptionClassifier",
            "MODELS", "SOURCES"]
 
-CHOICES = {
-    "variant": ("fakediffer", "xception", "dual_recons"),
-    "forward": ("fused", "two_pass", "fused_exact"),
-    "error_encoder": ("shared", "separate", "shared_conv"),
-    "fusion": ("select", "residual", "add"),
-}
+
+def _fakediffer(cfg: ModelConfig) -> nn.Module:
+    return XceptionClassifier(cfg) if cfg.variant == "xception" else FakeDiffer(cfg)
 
 
-def _fakediffer(variant: str = "fakediffer", **kw: Any) -> nn.Module:
-    if variant == "xception":
-        return XceptionClassifier(**kw)
-    return FakeDiffer(variant=variant, **kw)
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"fakediffer": _fakediffer}
-
-
-def _check(kw: dict[str, Any]) -> None:
-    """The checks of fdtrain.config.validate, for callers that skip the Config tree."""
-    for key, choices in CHOICES.items():
-        if key in kw and kw[key] not in choices:
-            raise ValueError(f"model.{key}: expected one of {list(choices)}, got {kw[key]!r}")
-    if "sources" in kw:
-        src = list(kw["sources"])
-        if not src or any(s not in SOURCES for s in src) or len(set(src)) != len(src):
-            raise ValueError(f"model.sources: need a non-empty subset of {list(SOURCES)}, got {src}")
-    for key in ("dropout", "encoder_dropout"):
-        if key in kw and not 0.0 <= kw[key] < 1.0:
-            raise ValueError(f"model.{key}: a probability in [0, 1), got {kw[key]}")
-    if "input_size" in kw and kw["input_size"] < 32:
-        raise ValueError(f"model.input_size: Xception needs at least 32 px, got {kw['input_size']}")
-    if "fusion_reduction" in kw and kw["fusion_reduction"] < 1:
-        raise ValueError(f"model.fusion_reduction: must be >= 1, got {kw['fusion_reduction']}")
+MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"fakediffer": _fakediffer}
 
 
 def create_model(name: str = "fakediffer", **kw: Any) -> nn.Module:
-    """Build a registered model from ModelConfig's fields (unknown fields are an error)."""
+    """Build a registered model from ModelConfig's fields (unknown fields are an error; the rest
+    default and are checked as ModelConfig says)."""
     if name not in MODELS:
         raise ValueError(f"model.name: unknown model '{name}'; registered: {sorted(MODELS)}")
-    from fdtrain.config import ModelConfig
-
     known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
     unknown = sorted(set(kw) - known)
     if unknown:
         raise TypeError(f"create_model: unknown model field(s) {unknown}; ModelConfig has {sorted(known)}")
-    _check(kw)
-    return MODELS[name](**kw)
+    return create_model_from_config(ModelConfig(name=name, **kw))
 
 
-def create_model_from_config(model_cfg) -> nn.Module:
-    """create_model from a fdtrain.config.ModelConfig."""
-    return create_model(**dataclasses.asdict(model_cfg))
+def create_model_from_config(model_cfg: ModelConfig) -> nn.Module:
+    """The model a fdtrain.config.ModelConfig describes (checked by its validate())."""
+    if model_cfg.name not in MODELS:
+        raise ValueError(f"model.name: unknown model '{model_cfg.name}'; registered: {sorted(MODELS)}")
+    model_cfg.validate()
+    return MODELS[model_cfg.name](model_cfg)

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from timm.models.xception import Block, SeparableConv2d
 from torch import Tensor
 
+from fdtrain.config import MODEL_SOURCES, ModelConfig
+
 from .backbone import build_parts, create_backbone
 
-SOURCES = ("inva", "real", "fake")  # M (image-invariant), E_r, E_f: canonical order of fusion weights
+SOURCES = MODEL_SOURCES  # M (image-invariant), E_r, E_f: canonical order of fusion weights
 # Layers FakeDiffer adds (decoders, fusion MLP) keep PyTorch's default init, as in the released
 # PyTorch original; timm's kaiming fan_out init would saturate the decoders' tanh at the start.
 
@@ -140,35 +142,21 @@ class FakeDiffer(nn.Module):
     (the training loader provides it); without it both passes see ``x_noisy``.
     """
 
-    def __init__(
-        self,
-        *,
-        variant: str = "fakediffer",
-        backbone: str = "legacy_xception",
-        pretrained: bool = False,
-        pretrained_path: str = "",
-        input_size: int = 299,
-        dropout: float = 0.2,
-        encoder_dropout: float = 0.2,
-        forward: str = "fused",
-        error_encoder: str = "shared",
-        fusion: str = "select",
-        sources: tuple[str, ...] | list[str] = SOURCES,
-        fusion_reduction: int = 8,
-        channels_last: bool = True,
-    ):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
+        variant, backbone, input_size, forward = cfg.variant, cfg.backbone, cfg.input_size, cfg.forward
+        error_encoder, fusion, sources, channels_last = cfg.error_encoder, cfg.fusion, cfg.sources, cfg.channels_last
         if variant not in ("fakediffer", "dual_recons"):
             raise ValueError(f"model.variant: FakeDiffer builds 'fakediffer' or 'dual_recons', got '{variant}'")
         self.variant, self.forward_mode, self.input_size = variant, forward, input_size
         # Canonical order, so fusion_weights[:, i] means the same source in every run.
         self.sources = tuple(s for s in SOURCES if s in sources)
-        parts = build_parts(backbone, pretrained, pretrained_path)
+        parts = build_parts(backbone, cfg.pretrained, cfg.pretrained_path)
         self.dropped_blocks = parts.dropped  # for the record: these weights were never kept
 
         # eq. 1: unified encoder F_e (entry flow) and the dropout on M
         self.encoder = parts.entry
-        self.encoder_dropout = nn.Dropout(encoder_dropout)
+        self.encoder_dropout = nn.Dropout(cfg.encoder_dropout)
 
         # eqs. 2-3: dual_recons shares one decoder between the real and the fake path
         names = ("shared",) if variant == "dual_recons" else ("real", "fake")
@@ -185,11 +173,11 @@ class FakeDiffer(nn.Module):
                 tie_convolutions(self.error_encoder, self.encoder)
 
         # eqs. 6-8: interaction over the chosen sources
-        self.interaction = Interaction(parts.m_channels, len(self.sources), fusion_reduction, fusion)
+        self.interaction = Interaction(parts.m_channels, len(self.sources), cfg.fusion_reduction, fusion)
 
         # head: Xception blocks 9-12 + exit convs, GAP, dropout, one logit
         self.head = parts.head
-        self.head_dropout = nn.Dropout(dropout)
+        self.head_dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(parts.out_channels, 1)
 
         # NHWC: the depthwise convs at high resolution (entry flow, decoders) run far faster on
@@ -359,12 +347,11 @@ class XceptionClassifier(nn.Module):
     encoder does. The decoder, fusion and forward switches do not apply to it.
     """
 
-    def __init__(self, *, backbone: str = "legacy_xception", pretrained: bool = False, pretrained_path: str = "",
-                 input_size: int = 299, dropout: float = 0.2, channels_last: bool = True, **_ignored):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.variant, self.input_size, self.sources = "xception", input_size, ()
-        self.net = create_backbone(backbone, pretrained, pretrained_path, drop_rate=dropout)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.variant, self.input_size, self.sources = "xception", cfg.input_size, ()
+        self.net = create_backbone(cfg.backbone, cfg.pretrained, cfg.pretrained_path, drop_rate=cfg.dropout)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
 
     def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None,
