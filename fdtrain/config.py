@@ -198,7 +198,10 @@ class DataConfig(Section):
 
     def check(self) -> None:
         self._positive("batch_size", "eval_batch_size")
-        self._non_negative("num_workers")
+        for name in ("prefetch", "num_threads", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                self._fail(name, f"must be >= 1, got {getattr(self, name)}")
+        self._non_negative("num_workers", "noise_std")
         self._probability("flip_p", "noise_p")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             self._fail("hw_decoder_load", f"a share in [0, 1], got {self.hw_decoder_load}")

@@ -159,3 +159,69 @@ def test_cli_run_name_cannot_leave_out_dir(tmp_path):
         f"fdtrain: config error: run.name: '../../escaped' must be one folder name inside run.out_dir "
         f"({tmp_path / 'runs'}): no '/', not '.' or '..'"]
     assert not (tmp_path.parent / "escaped").exists()
+
+
+# One rule, one place: each section's validate() owns its fields' rules. The same message comes
+# from a recipe override, from the section built in code, and from the component that takes it.
+SECTION_RULES = [  # (override, message)
+    ("--run.nccl_timeout_s=0", "run.nccl_timeout_s: must be > 0 seconds, got 0"),
+    ("--model.input_size=16", "model.input_size: Xception needs at least 32 px, got 16"),
+    ("--model.dropout=1.0", "model.dropout: a probability in [0, 1), got 1.0"),
+    ("--model.fusion_reduction=0", "model.fusion_reduction: must be >= 1, got 0"),
+    ("--model.sources=inva,inva", "model.sources: repeated entries in ['inva', 'inva']"),
+    ("--loss.flooding=-0.5", "loss.flooding: must be >= 0, got -0.5"),
+    ("--data.noise_p=1.5", "data.noise_p: a probability in [0, 1], got 1.5"),
+    ("--data.eval_batch_size=0", "data.eval_batch_size: must be > 0, got 0"),
+    ("--optim.betas=0.9", "optim.betas: two values, got [0.9]"),
+    ("--optim.decay_every=0", "optim.decay_every: must be > 0, got 0"),
+    ("--train.grad_accum=0", "train.grad_accum: must be > 0, got 0"),
+    ("--eval.paper=[cdf auc]", "eval.paper: entries are 'SET METRIC VALUE'"),
+    ("--eval.robustness.types=XX", "eval.robustness: unknown distortion type(s) ['XX']"),
+    ("--logging.every_steps=0", "logging.every_steps: must be >= 1"),
+    ("--checkpoint.keep_last=-1", "checkpoint.keep_last: must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("override,message", SECTION_RULES, ids=[o.split("=")[0][2:] for o, _ in SECTION_RULES])
+def test_each_section_validates_its_own_fields(override, message):
+    from fdtrain.config import _coerce, _hints
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(None, [override])
+    # the section alone, with the same (type-checked) value, says the same
+    key = override[2:].split("=", 1)[0]
+    *path, name = key.split(".")
+    section, raw = Config(), parse_overrides([override])
+    for p in path:
+        section, raw = getattr(section, p), raw[p]
+    setattr(section, name, _coerce(raw[name], _hints(type(section))[name], key))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        section.validate()
+
+
+def test_sections_built_in_code_check_their_literal_choices():
+    from fdtrain.config import LossConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match=re.escape("model.forward: expected one of ['fused', 'two_pass', 'fused_exa")):
+        ModelConfig(forward="fast").validate()
+    with pytest.raises(ConfigError, match=re.escape("loss.recon: expected one of ['l1', 'mse'], got 'l2'")):
+        LossConfig(recon="l2").validate()
+
+
+def test_components_apply_their_sections_rules_and_defaults():
+    """create_model and FakeDifferLoss take a section (or its fields): the section's rule refuses,
+    with the section's message, and an unset field takes the section's default."""
+    import dataclasses
+
+    from fdtrain.config import LossConfig
+    from fdtrain.losses import FakeDifferLoss
+    from fdtrain.models import create_model
+
+    with pytest.raises(ConfigError, match=re.escape("model.input_size: Xception needs at least 32 px, got 16")):
+        create_model(input_size=16)
+    with pytest.raises(ConfigError, match=re.escape("loss.flooding: must be >= 0, got -1.0")):
+        FakeDifferLoss(flooding=-1.0)
+    loss = FakeDifferLoss(LossConfig(lambda_r=0.3), flooding=0.04)
+    want = dataclasses.replace(LossConfig(), lambda_r=0.3, flooding=0.04)
+    assert (loss.lambda_r, loss.lambda_f, loss.recon, loss.flooding, loss.recon_reduction) == (
+        want.lambda_r, want.lambda_f, want.recon, want.flooding, want.recon_reduction)

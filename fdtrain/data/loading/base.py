@@ -114,7 +114,7 @@ class Loader:
         if self.train:
             # model.forward=two_pass runs the encoder twice per step, each on its own draw of X~ (as
             # the released code draws the noise inside each forward): "x_noisy2" is the second.
-            views = ("x_noisy", "x_noisy2")[:getattr(self.cfg.model, "noisy_views", 1)]
+            views = ("x_noisy", "x_noisy2")[:self.cfg.model.noisy_views]
             for v, name in enumerate(views):
                 out[name] = add_gated_noise(x, self.cfg.data.noise_p, self.cfg.data.noise_std,
                                             self.noise_generator(epoch, step, v), self.buffers)

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from fdtrain.config import ConfigError
 from fdtrain.data.format import DataError, open_shards, split_path
 from fdtrain.data.loading.base import Loader
 from fdtrain.data.loading.sampling import Balance
@@ -43,15 +42,10 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, de
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} outside world_size {world_size}")
     d = cfg.data
-    for name in ("prefetch", "num_threads", "shuffle_buffer"):
-        if getattr(d, name) < 1:
-            raise ConfigError(f"data.{name}: must be >= 1, got {getattr(d, name)}")
-    if d.noise_std < 0:
-        raise ConfigError(f"data.noise_std: must be >= 0, got {d.noise_std}")
     train = split == "train"
     backend, why = choose_backend(cfg.data.backend)
     location, field = split_path(cfg, split, path)
-    balancing = train and getattr(d, "balance", "none") != "none"
+    balancing = train and d.balance != "none"
     shards = open_shards(location, split, field=field, need_index=backend == "dali" or balancing,
                          missing_index=cfg.data.missing_index)
     balance = Balance(shards, d.balance, cfg.run.seed) if balancing else None

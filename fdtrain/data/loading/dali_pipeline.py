@@ -111,7 +111,7 @@ class DaliLoader(Loader):
         self._live: DALIGenericIterator | None = None  # the training epoch's iterator, for state_dict
         self._resume_from: tuple[int, int, bytes] | None = None  # (epoch, step, DALI checkpoint) to resume
         # channels_last models take HWC as a free view; NCHW models get CHW (no re-layout either way)
-        self.layout = "HWC" if getattr(cfg.model, "channels_last", False) else "CHW"
+        self.layout = "HWC" if cfg.model.channels_last else "CHW"
 
     def describe(self) -> str:
         d = self.cfg.data
