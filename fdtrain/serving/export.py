@@ -80,10 +80,10 @@ def load_for_export(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any, Path
 
 
 def _check_size(model: nn.Module, cfg, size: int) -> None:
-    from fdtrain.models import _check  # the config's own rule for model.input_size
+    import dataclasses
 
-    try:
-        _check({"input_size": size})
+    try:  # the model section's own rule for model.input_size
+        dataclasses.replace(cfg.model, input_size=size).validate()
     except ValueError as e:
         raise ExportError(f"--input-size {size}: {e} (the model was trained at {cfg.model.input_size} px)") from e
     try:
