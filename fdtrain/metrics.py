@@ -1,7 +1,7 @@
 """Frame- and video-level detection metrics: Acc, AUC, EER, AP (scikit-learn underneath).
 
 Scores are probabilities of "fake" (sigmoid of the logit), labels 0 = real, 1 = fake.
-- Acc: score > threshold (0.5 by default) counts as fake.
+- Acc: score > threshold (eval.threshold's default unless given) counts as fake.
 - AUC, AP: sklearn's roc_auc_score and average_precision_score.
 - EER: where FPR = FNR on sklearn's ROC, linearly interpolated between the two ROC points the
   crossing falls between.
@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from fdtrain.config import EvalConfig
 
 
 def video_key(sample_key: str) -> str:
@@ -87,7 +89,7 @@ def video_scores(scores: Any, labels: Any, keys: Sequence[str]) -> tuple[np.ndar
 
 
 def compute_metrics(scores: Any, labels: Any, keys: Optional[Sequence[str]] = None,
-                    threshold: float = 0.5) -> dict[str, dict[str, float]]:
+                    threshold: float = EvalConfig.threshold) -> dict[str, dict[str, float]]:
     """{"frame": {acc, auc, eer, ap, n, n_real, n_fake}, "video": {...}} (video only with keys)."""
     s, y = _as_numpy(scores, np.float64), _as_numpy(labels, np.float64)
     if len(s) != len(y):
@@ -107,7 +109,7 @@ class MetricAccumulator:
     duplicates, so gathering concatenates what each rank saw, no more, no less.
     """
 
-    def __init__(self, threshold: float = 0.5):
+    def __init__(self, threshold: float = EvalConfig.threshold):
         self.threshold = threshold
         self.reset()
 
