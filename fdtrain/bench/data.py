@@ -29,20 +29,23 @@ import time
 from pathlib import Path
 
 from fdtrain.bench import emit_result
+from fdtrain.config import DataConfig, ModelConfig
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", default="", help="a shard folder (with manifest.json) to read; '' = make one")
     p.add_argument("--samples", type=int, default=1024, help="crops to make when --shards is not given")
     p.add_argument("--image-size", type=int, default=320, help="side of the crops to make, in px")
-    p.add_argument("--size", type=int, default=299, help="model input side (resize target)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=int, default=ModelConfig.input_size, help="model input side (resize target)")
+    p.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
     p.add_argument("--workers", default="", help="fallback worker counts, e.g. 1,2,4 ('' = 1..min(4, cores))")
     p.add_argument("--threads", type=int, default=0, help="DALI threads and naive-baseline workers (0 = cores)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N to add the DALI mixed pipeline")
-    p.add_argument("--noise-p", type=float, default=0.5, help="X~ rows: share of samples with noise (data.noise_p)")
-    p.add_argument("--noise-std", type=float, default=1e-6, help="X~ rows: std of the noise (data.noise_std)")
+    p.add_argument("--noise-p", type=float, default=DataConfig.noise_p,
+                   help="X~ rows: share of samples with noise (data.noise_p)")
+    p.add_argument("--noise-std", type=float, default=DataConfig.noise_std,
+                   help="X~ rows: std of the noise (data.noise_std)")
     p.add_argument("--only", default="", help="comma-separated subset of rows: naive,dali,torch,dali-mixed")
     p.add_argument("--json", metavar="PATH", default="", help="also write the JSON result to PATH")
 

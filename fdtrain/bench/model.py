@@ -18,13 +18,15 @@ import sys
 import time
 
 from fdtrain.bench import emit_result
+from fdtrain.config import ModelConfig
 
 VARIANTS = ("xception", "fused", "two_pass")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4: ~1-2 min on 2 CPU cores)")
-    p.add_argument("--size", type=int, default=299, help="input side in pixels (299 FF++, 224 WildDeepfake)")
+    p.add_argument("--size", type=int, default=ModelConfig.input_size,
+                   help="input side in pixels (299 FF++, 224 WildDeepfake)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
