@@ -29,6 +29,9 @@ from torch import Tensor
 
 from fdtrain.config import LossConfig
 
+# The terms of FakeDifferLoss's result, in this order wherever they are listed (logs, TensorBoard).
+LOSS_TERMS = ("total", "cls", "rec_real", "rec_fake")
+
 
 def _wide(t: Tensor) -> Tensor:
     """fp16/bf16/fp32 -> fp32; fp64 (the exactness tests) stays fp64."""
@@ -101,4 +104,4 @@ class FakeDifferLoss:
         rec_real = self.reconstruction(out.recon_real, x, is_real)  # eq. 9, real rows only
         rec_fake = self.reconstruction(out.recon_fake, x, ~is_real)  # eq. 10, fake rows only
         total = cls + self.lambda_r * rec_real + self.lambda_f * rec_fake  # eq. 12
-        return {"total": total, "cls": cls, "rec_real": rec_real, "rec_fake": rec_fake}
+        return dict(zip(LOSS_TERMS, (total, cls, rec_real, rec_fake)))

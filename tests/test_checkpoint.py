@@ -40,10 +40,33 @@ def _train_a_step(model, opt, sched):
     sched.step()
 
 
-def _save(ckpt, cfg, model, opt, sched, step, **kw):
-    return ckpt.save(step=step, epoch=0, model=model, optimizer=opt, scheduler=sched, config=cfg.to_dict(),
-                     metrics=kw.get("metrics", {}), trainer_state={"step": step},
-                     loader_state={"epoch": 0, "step_in_epoch": step})
+class _State:
+    """A stateful component as the checkpointer sees one: the loader's position (state_dict,
+    load_state_dict, set_epoch), or a part of the trainer state (a count here)."""
+
+    def __init__(self, **state):
+        self.state = state
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, sd):
+        self.state = {k: sd[k] for k in self.state}
+
+    def set_epoch(self, epoch):
+        self.state = {"epoch": epoch, "step_in_epoch": 0}
+
+
+def _checkpointer(ckpt_dir, setup, **kw):
+    cfg, acc, model, opt, sched = setup
+    return ck.Checkpointer(ckpt_dir, acc, model=model, optimizer=opt, scheduler=sched,
+                           loader=_State(epoch=0, step_in_epoch=0), config=cfg, parts=[_State(seen=0)], **kw)
+
+
+def _save(ckpt, step, **kw):
+    ckpt.loader.state = {"epoch": 0, "step_in_epoch": step}
+    ckpt.parts[0].state = {"seen": 10 * step}
+    return ckpt.save(step, 0, kw.get("metrics", {}))
 
 
 def test_layout_and_plain_torch_loading(setup, tmp_path):
@@ -51,8 +74,8 @@ def test_layout_and_plain_torch_loading(setup, tmp_path):
 
     cfg, acc, model, opt, sched = setup
     _train_a_step(model, opt, sched)
-    ckpt = ck.Checkpointer(tmp_path / "checkpoints", acc)
-    path = _save(ckpt, cfg, model, opt, sched, 1, metrics={"val": {"frame": {"auc": 0.75}}})
+    ckpt = _checkpointer(tmp_path / "checkpoints", setup)
+    path = _save(ckpt, 1, metrics={"val": {"frame": {"auc": 0.75}}})
     assert path.name == "step-00000001"
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.pt", "rank-00000.pt", "train_state.pt"]
     blob = torch.load(path / "model.pt", map_location="cpu", weights_only=True)  # plain tensors only
@@ -70,15 +93,17 @@ def test_round_trip_restores_optimizer_scheduler_rng(setup, tmp_path):
     cfg, acc, model, opt, sched = setup
     for _ in range(2):
         _train_a_step(model, opt, sched)
-    ckpt = ck.Checkpointer(tmp_path / "checkpoints", acc)
-    path = _save(ckpt, cfg, model, opt, sched, 2)
+    ckpt = _checkpointer(tmp_path / "checkpoints", setup)
+    path = _save(ckpt, 2)
     expected_rand = torch.rand(3)  # the RNG stream right after the save
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     exp_avg = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
     _train_a_step(model, opt, sched)  # move everything away from the saved state
 
-    state = ckpt.load(path, model=model, optimizer=opt, scheduler=sched)
-    assert state["step"] == 2 and state["loader"] == {"epoch": 0, "step_in_epoch": 2}
+    ckpt.loader.state, ckpt.parts[0].state = {"epoch": 5, "step_in_epoch": 9}, {"seen": -1}
+    state = ckpt.load(path)
+    assert state["step"] == 2 and state["loader"] and ckpt.loader.state == {"epoch": 0, "step_in_epoch": 2}
+    assert ckpt.parts[0].state == {"seen": 20} and state["trainer"]["seen"] == 20
     assert torch.equal(torch.rand(3), expected_rand)
     assert sched.last_epoch == 2
     for k, v in model.state_dict().items():
@@ -95,11 +120,11 @@ def test_keeps_last_k_plus_best_and_ignores_partial_writes(setup, tmp_path):
     stale.mkdir()
     (stale / "model.pt").write_bytes(b"half a file")
     assert ck.newest_checkpoint(ckpt_dir) is None
-    ckpt = ck.Checkpointer(ckpt_dir, acc, keep_last=2)
+    ckpt = _checkpointer(ckpt_dir, setup, keep_last=2)
     assert not stale.exists()  # cleaned when the next run starts
 
     for step in (1, 2, 3, 4):
-        path = _save(ckpt, cfg, model, opt, sched, step)
+        path = _save(ckpt, step)
         if step == 2:
             ckpt.mark_best(path, {"value": 0.9, "step": 2})
         ckpt.prune()
@@ -177,8 +202,8 @@ def test_crafted_and_damaged_files_are_refused_without_running_code(setup, tmp_p
 
     cfg, acc, model, opt, sched = setup
     _train_a_step(model, opt, sched)
-    ckpt = ck.Checkpointer(tmp_path / "checkpoints", acc)
-    path = _save(ckpt, cfg, model, opt, sched, 1, metrics={"val": {"frame": {"auc": ck.np.float64(0.5)}}})
+    ckpt = _checkpointer(tmp_path / "checkpoints", setup)
+    path = _save(ckpt, 1, metrics={"val": {"frame": {"auc": ck.np.float64(0.5)}}})
     for f in path.glob("*.pt"):  # fdtrain's own files hold only what weights_only accepts
         torch.load(f, map_location="cpu", weights_only=True)
     marker = tmp_path / "pwned"
@@ -189,7 +214,7 @@ def test_crafted_and_damaged_files_are_refused_without_running_code(setup, tmp_p
             if name == "model.pt":
                 load_model(path)
             else:
-                ckpt.load(path, model=model, optimizer=opt, scheduler=sched)
+                ckpt.load(path)
         (path / name).write_bytes(good[name])
     assert not marker.exists(), "unpickling the crafted file ran its command"
 

@@ -31,9 +31,10 @@ import re
 import secrets
 import shutil
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -232,17 +233,36 @@ def plain(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # The checkpointer used by the trainer (every rank calls save/load)
 # --------------------------------------------------------------------------------------------
-class Checkpointer:
-    """Saves and restores one run's checkpoints; every rank must call :meth:`save` and :meth:`load`."""
+class Stateful(Protocol):
+    """A part of the training state (the loop's position, the metrics window, model selection):
+    its ``state_dict()`` keys are saved together in ``train_state.pt``'s ``"trainer"`` entry."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, accelerator, *, keep_last: int = 3, keep_best: bool = True):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every rank must call :meth:`save` and :meth:`load`.
+
+    It is given the run's components once: the prepared ``model`` and ``optimizer``, the
+    ``scheduler``, this rank's ``loader`` (its position goes to ``rank-N.pt``), the ``config``
+    (stored with the weights) and the ``parts`` that own the rest of the training state.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, accelerator, *, model, optimizer, scheduler, loader,
+                 config, parts: Sequence[Stateful] = (), keep_last: int = 3, keep_best: bool = True):
+        from fdtrain.engine.ranks import broadcast
+
         self.dir = Path(ckpt_dir)
         self.acc = accelerator
+        self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
+        self.config, self.parts = config, list(parts)
         self.keep_last = max(1, keep_last)  # the newest is always kept: it is what --resume uses
         self.keep_best = keep_best
         self.is_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
         # Temporary folders carry this run's token: a process removes only what it wrote.
-        self.token = _broadcast(accelerator, f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+        self.token = broadcast(accelerator, f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
         if self.acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             # The caller holds the run folder's lock (fdtrain.engine.runlock), so a .tmp- folder here
@@ -252,11 +272,21 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         self.acc.wait_for_everyone()
 
+    def _parts_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for part in self.parts:
+            sd = part.state_dict()
+            clash = state.keys() & sd.keys()
+            if clash:
+                raise ValueError(f"checkpoint parts both save {sorted(clash)}")
+            state.update(sd)
+        return state
+
     # ---- save ---------------------------------------------------------------------------
-    def save(self, *, step: int, epoch: int, model, optimizer, scheduler, config: dict, metrics: dict,
-             trainer_state: dict, loader_state: dict) -> Path:
-        """Write ``step-N/`` atomically; every rank calls it. A write that fails on any rank (a full
-        disk) removes the incomplete folder and raises :class:`CheckpointError` on every rank."""
+    def save(self, step: int, epoch: int, metrics: dict) -> Path:
+        """Write ``step-N/`` atomically; every rank calls it. ``metrics``: the latest evaluation,
+        kept beside the weights. A write that fails on any rank (a full disk) removes the incomplete
+        folder and raises :class:`CheckpointError` on every rank."""
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f".tmp-{step_dir_name(step)}-{self.token}"
         if final.is_dir():  # e.g. best and periodic at the same step
@@ -270,13 +300,14 @@ class Checkpointer:
             # every rank makes the folder it writes to: on NFS another node may not see rank 0's mkdir yet
             tmp.mkdir(parents=True, exist_ok=True)
             if self.is_deepspeed:  # every rank writes its ZeRO partition of the optimizer
-                model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
-            torch.save(plain({"rng": rng_state(), "loader": loader_state}),
+                self.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
+            torch.save(plain({"rng": rng_state(), "loader": self.loader.state_dict()}),
                        tmp / f"rank-{acc.process_index:05d}.pt")
             if acc.is_main_process:
-                state = {"scheduler": scheduler.state_dict(), "trainer": trainer_state, "step": step, "epoch": epoch}
+                state = {"scheduler": self.scheduler.state_dict(), "trainer": self._parts_state(), "step": step,
+                         "epoch": epoch}
                 if not self.is_deepspeed:
-                    state["optimizer"] = optimizer.state_dict()
+                    state["optimizer"] = self.optimizer.state_dict()
                 scaler = getattr(acc, "scaler", None)
                 if scaler is not None:
                     state["scaler"] = scaler.state_dict()
@@ -284,7 +315,8 @@ class Checkpointer:
 
         with self._all_ranks(tmp):
             if acc.is_main_process:
-                write_model_file(tmp / "model.pt", config=config, state_dict=self._plain_state_dict(model, tmp),
+                config = self.config.to_dict()
+                write_model_file(tmp / "model.pt", config=config, state_dict=self._plain_state_dict(tmp),
                                  step=step, epoch=epoch, metrics=metrics)
                 meta = {"step": step, "epoch": epoch, "metrics": metrics, "world_size": acc.num_processes,
                         "deepspeed": self.is_deepspeed, "config": config}
@@ -299,17 +331,14 @@ class Checkpointer:
     def _all_ranks(self, tmp: Path):
         """Run one phase of a save on every rank, then agree (a collective, so also a barrier): a
         write error on any rank becomes the same CheckpointError on all of them."""
+        from fdtrain.engine.ranks import agreed_problems
+
         problem = None
         try:
             yield
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             problem = self._explain_write_error(e, tmp)
-        problems = [problem]
-        if self.acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            problems = gather_object([problem])
-        problems = list(dict.fromkeys(p for p in problems if p))
+        problems = agreed_problems(self.acc, problem)
         if problems:
             if self.acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -326,13 +355,13 @@ class Checkpointer:
         return (f"{what} while writing checkpoint {tmp} on rank {self.acc.process_index}; "
                 f"{_human(free)} free on the file system of {self.dir}")
 
-    def _plain_state_dict(self, model, tmp: Path) -> dict[str, torch.Tensor]:
+    def _plain_state_dict(self, tmp: Path) -> dict[str, torch.Tensor]:
         """fp32 weights with the plain model's keys (no DDP/DeepSpeed/compile wrappers)."""
-        if self.is_deepspeed and model.zero_optimization_stage() >= 1:
+        if self.is_deepspeed and self.model.zero_optimization_stage() >= 1:
             # the fp32 master weights from the partitions just written (the module may hold bf16)
             sd = consolidate_deepspeed(tmp / "deepspeed")
         else:
-            sd = self.acc.unwrap_model(model, keep_torch_compile=False).state_dict()
+            sd = self.acc.unwrap_model(self.model, keep_torch_compile=False).state_dict()
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in sd.items()}
 
     def mark_best(self, path: Path, info: dict) -> None:
@@ -358,27 +387,25 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ---- load ---------------------------------------------------------------------------
-    def load(self, path: str | os.PathLike, *, model, optimizer, scheduler) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler, scaler and this rank's RNG; returns
-        ``{"step", "epoch", "trainer", "loader"}``. A file that fails on any rank (its own rank-N.pt
-        damaged) raises the same CheckpointError on every rank."""
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Restore everything a checkpoint holds: model, optimizer, scheduler, scaler, this rank's
+        RNG and loader position, and the parts' state. Returns ``{"step", "epoch", "trainer" (the
+        parts' saved state), "loader" (whether this rank's position was restored; if not, the loader
+        starts the saved epoch afresh)}``. A file that fails on any rank (its own rank-N.pt damaged)
+        raises the same CheckpointError on every rank."""
+        from fdtrain.engine.ranks import agreed_problems
+
         problem, out = None, None
         try:
-            out = self._load(path, model=model, optimizer=optimizer, scheduler=scheduler)
+            out = self._load(Path(path))
         except CheckpointError as e:
             problem = str(e)
-        problems = [problem]
-        if self.acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            problems = gather_object([problem])
-        problems = list(dict.fromkeys(p for p in problems if p))
+        problems = agreed_problems(self.acc, problem)
         if problems:
             raise CheckpointError("; ".join(problems))
         return out
 
-    def _load(self, path: str | os.PathLike, *, model, optimizer, scheduler) -> dict[str, Any]:
-        path = Path(path)
+    def _load(self, path: Path) -> dict[str, Any]:
         if not (path / "meta.json").is_file():
             raise CheckpointError(f"{path}: not a complete fdtrain checkpoint (no meta.json)")
         meta = json.loads((path / "meta.json").read_text())
@@ -392,12 +419,12 @@ class Checkpointer:
             if meta.get("world_size") != self.acc.num_processes:
                 raise ValueError(f"{path}: DeepSpeed checkpoint of {meta.get('world_size')} ranks cannot resume on "
                                  f"{self.acc.num_processes}")
-            model.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
-                                  load_lr_scheduler_states=False)
+            self.model.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
         else:
-            self._load_plain_weights(model, path)
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+            self._load_plain_weights(path)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -411,34 +438,32 @@ class Checkpointer:
         else:
             log.warning("%s: saved with %s ranks, resuming on %s: RNG states not restored and the data order "
                         "restarts at the saved epoch", path, meta.get("world_size"), self.acc.num_processes)
-        return {"step": state["step"], "epoch": state["epoch"], "trainer": state.get("trainer", {}),
-                "loader": loader_state}
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        else:
+            self.loader.set_epoch(state["epoch"])
+        # step and epoch from the file's top level: they name the checkpoint, whatever the parts saved
+        trainer = {**state.get("trainer", {}), "step": state["step"], "epoch": state["epoch"]}
+        for part in self.parts:
+            part.load_state_dict(trainer)
+        return {"step": state["step"], "epoch": state["epoch"], "trainer": trainer,
+                "loader": loader_state is not None}
 
-
-    def load_weights(self, model, path: str | os.PathLike) -> None:
+    def load_weights(self, path: str | os.PathLike) -> None:
         """A checkpoint's weights (not its optimizer state) into the live model: the best weights
         for the final evaluation. Every rank calls it."""
         if self.is_deepspeed:
-            model.load_checkpoint(str(Path(path) / "deepspeed"), tag=DS_TAG, load_module_only=True,
-                                  load_optimizer_states=False, load_lr_scheduler_states=False)
+            self.model.load_checkpoint(str(Path(path) / "deepspeed"), tag=DS_TAG, load_module_only=True,
+                                       load_optimizer_states=False, load_lr_scheduler_states=False)
         else:
-            self._load_plain_weights(model, path)
+            self._load_plain_weights(path)
 
-    def _load_plain_weights(self, model, path: str | os.PathLike) -> None:
+    def _load_plain_weights(self, path: str | os.PathLike) -> None:
         try:
             weights = load_model_file(Path(path) / "model.pt").state_dict
         except FileNotFoundError as e:
             raise CheckpointError(str(e)) from None
-        self.acc.unwrap_model(model, keep_torch_compile=False).load_state_dict(weights)
-
-
-def _broadcast(acc, value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if acc.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
+        self.acc.unwrap_model(self.model, keep_torch_compile=False).load_state_dict(weights)
 
 
 def _human(n: float) -> str:

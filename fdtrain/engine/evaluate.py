@@ -1,4 +1,6 @@
-"""Distributed evaluation, model selection and the final test report.
+"""Distributed evaluation: one set's frame- and video-level metrics, their table and JSON, and
+`fdtrain evaluate` (a checkpoint on shard folders, without the trainer). Model selection during
+training uses these (fdtrain.engine.selection).
 
 Each rank scores its own part of a split (the loaders give every sample to exactly one rank, with
 no padded duplicates); the scores, labels and keys are gathered once per set, and every rank then
@@ -19,9 +21,6 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-
-HIGHER_IS_BETTER = {"auc": True, "acc": True, "ap": True, "eer": False}
-
 
 @dataclass
 class EvalResult:
@@ -58,20 +57,6 @@ def evaluate_loader(model, loader, *, accelerator=None, name: str = "eval", thre
         model.train(was_training)
     acc_metrics.gather(accelerator)  # the one collective of this set
     return EvalResult(name, acc_metrics.compute(), acc_metrics.scores, acc_metrics.labels, acc_metrics.keys or [])
-
-
-def selection_value(metrics: dict[str, dict[str, float]], metric: str, level: str) -> float:
-    """The selection metric, NaN when the level or metric is absent (e.g. one class only)."""
-    v = metrics.get(level, {}).get(metric)
-    return float(v) if v is not None else float("nan")
-
-
-def is_better(value: float, best: float | None, metric: str) -> bool:
-    if not math.isfinite(value):
-        return False
-    if best is None or not math.isfinite(best):
-        return True
-    return value > best if HIGHER_IS_BETTER[metric] else value < best
 
 
 def log_result(tb, result: EvalResult, step: int) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -128,6 +129,14 @@ class Schedule:
         """Continue from a checkpoint taken after ``step`` steps and ``samples`` samples."""
         self.start_step, self.start_samples = int(step), int(samples)
 
+    def summary(self) -> dict[str, Any]:
+        """What a checkpoint records of the schedule, for a resumed run to see whether its config changed it."""
+        c = self.cfg
+        return {"global_batch": self.global_batch, "total_steps": self.total_steps, "peak_lr": self.peak_lr,
+                "reference_batch": c.reference_batch, "lr_scaling": c.lr_scaling, "schedule": c.schedule,
+                "warmup_steps": c.warmup_steps, "hold_steps": c.hold_steps, "decay_every": c.decay_every,
+                "decay_rate": c.decay_rate, "min_lr_ratio": c.min_lr_ratio}
+
     def in_steps(self, reference_steps: float) -> float:
         """A length in reference steps as optimizer steps of this run."""
         return reference_steps * self.steps_per_reference_step
@@ -202,3 +211,38 @@ def plan(cfg, num_samples: int, processes: int) -> tuple[Schedule, int]:
     spe = optimizer_steps_per_epoch(micro, cfg.train)
     total = cfg.train.max_steps or cfg.train.epochs * spe
     return Schedule(cfg.optim, cfg.data.batch_size * processes * cfg.train.grad_accum, total), spe
+
+
+# --------------------------------------------------------------------------------------------
+# A step skipped on the device: nothing the step would change may change
+# --------------------------------------------------------------------------------------------
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm (a device tensor, no host read), clipping to ``max_norm`` when > 0."""
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+
+
+class BufferGuard:
+    """Snapshot of the model's buffers (BatchNorm running stats) at the start of an accumulation
+    window, put back on the device when the window's step is skipped: ``torch.where`` over one flat
+    copy per dtype (a handful of kernels, no host read), not a branch on the flag."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.groups = []
+        for dtype in dict.fromkeys(b.dtype for b in buffers):
+            views = [b.view(-1) for b in buffers if b.dtype == dtype and b.numel()]
+            if views:
+                self.groups.append((views, [v.numel() for v in views], torch.cat(views)))
+
+    def save(self) -> None:
+        for views, _, snap in self.groups:
+            torch.cat(views, out=snap)
+
+    def restore_if(self, flag: torch.Tensor) -> None:
+        cond = flag.bool()
+        for views, sizes, snap in self.groups:
+            torch._foreach_copy_(views, list(torch.where(cond, snap, torch.cat(views)).split(sizes)))

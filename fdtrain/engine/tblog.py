@@ -1,4 +1,4 @@
-"""TensorBoard and console output, rank 0 only.
+"""TensorBoard and console output (rank 0 only), and the step-metrics window they show.
 
 Tags (what the tests read back):
   train:  loss/total loss/cls loss/rec_real loss/rec_fake, lr, grad_norm, images_per_sec,
@@ -10,6 +10,7 @@ Other ranks get a logger whose methods do nothing, so call sites need no rank ch
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fdtrain.losses import LOSS_TERMS
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,137 @@ def recon_panel(x, recon_real, recon_fake, max_rows: int = 4) -> torch.Tensor:
     cols = [to01(x), to01(rr), to01(rf), err_r.clamp(0, 1), err_f.clamp(0, 1)]
     rows = [torch.cat([c[i] for c in cols], dim=2) for i in range(n)]  # each 3 x H x 5W
     return torch.cat(rows, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The step-metrics window: what the train scalars are computed from
+# --------------------------------------------------------------------------------------------
+class StepWindow:
+    """Loss terms, skip counts and throughput between two logging points, kept on the device.
+
+    The hot path (:meth:`add`, :meth:`set_grad_norm`, :meth:`step_done`) only adds to device
+    tensors; :meth:`read` is the one host read of a logging period (the trainer calls it at a
+    step boundary that needs the device's values). The window's elapsed time runs from one
+    :meth:`flush` to the next, minus :meth:`paused` time; each read waits for the device, so it
+    covers all the work queued in the window (images/s needs no other sync).
+
+    Owns the run's count of non-finite steps skipped (saved in checkpoints: ``nonfinite``) and of
+    steps the grad scaler skipped for overflow; the real/fake count of the epoch's images.
+    """
+
+    def __init__(self, acc, terms: tuple[str, ...] = LOSS_TERMS):
+        dev = acc.device
+        self.acc, self.terms = acc, terms
+        # [sum of each term over finite micro-batches..., finite micro-batches, last grad norm]
+        self._sums = torch.zeros(len(terms) + 2, device=dev)
+        self._one = torch.ones((), device=dev)
+        self.step_bad = torch.zeros((), dtype=torch.bool, device=dev)  # non-finite loss in this accumulation window
+        self._skips = torch.zeros(2, device=dev)  # [non-finite steps, AMP overflow skips] since the last read
+        self._stop = torch.zeros(1, device=dev)
+        self._labels = torch.zeros(2, device=dev)  # (images, fakes) this rank trained on this epoch
+        self.nonfinite = 0  # optimizer steps skipped for a non-finite loss or gradient, all run
+        self.amp_skipped = 0  # steps the grad scaler skipped for overflowing (finite-loss) gradients
+        self._new()
+
+    def _new(self) -> None:
+        self.t0, self.data_wait, self.images, self.lr = time.perf_counter(), 0.0, 0, 0.0
+        self._host: list[float] | None = None
+        self._loss_scale = float("nan")
+        self._sums.zero_()
+        self._sums[-1] = float("nan")
+
+    # ---- hot path: device tensors only --------------------------------------------------------
+    def add_wait(self, seconds: float) -> None:
+        """Time the loop spent waiting for the loader's next batch."""
+        self.data_wait += seconds
+
+    def add(self, losses: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """One micro-batch's loss terms; a non-finite total is left out of the sums and flags the window."""
+        finite = torch.isfinite(losses[self.terms[0]].detach())
+        self.step_bad |= ~finite
+        terms = torch.stack([losses[k].detach().float() for k in self.terms] + [self._one])
+        self._sums[:-1] += torch.where(finite, terms, 0.0)  # sums of the finite terms, their count
+        self.images += labels.shape[0]
+        self._labels[0] += labels.numel()
+        self._labels[1] += labels.detach().float().sum()
+
+    def set_grad_norm(self, gn: torch.Tensor) -> None:
+        self._sums[-1] = gn.detach().float()
+
+    def count_amp_skip(self, extra: torch.Tensor) -> None:
+        """Steps skipped by the grad scaler alone (overflowing gradients of a finite loss)."""
+        self._skips[1] += extra
+
+    def step_done(self, bad: torch.Tensor, lr: float) -> None:
+        """An optimizer step taken (or skipped: ``bad``, 0/1 on the device); a new accumulation window."""
+        self._skips[0] += bad
+        self.step_bad.zero_()
+        self.lr = lr
+
+    # ---- host reads ----------------------------------------------------------------------------
+    def read(self, local_stop: bool) -> tuple[bool, int]:
+        """The one host read of a logging period: sums, skip counts, the grad scaler's scale and
+        (several ranks) the stop flag agreed by max, in one copy. Returns (stop on any rank,
+        non-finite steps since the last read)."""
+        from fdtrain.engine.ranks import agree_max
+
+        dev = self._sums.device
+        scale = getattr(self.acc.scaler, "_scale", None)  # the grad scaler's scale (a device tensor)
+        parts = [self._sums, self._skips, (scale.float().view(1).to(dev) if scale is not None
+                                           else torch.full((1,), float("nan"), device=dev))]
+        if self.acc.num_processes > 1:
+            self._stop.fill_(float(local_stop))  # a fill, not a host-to-device copy
+            parts.append(agree_max(self.acc, self._stop))
+        vals = torch.cat(parts).tolist()
+        n = len(self._sums)
+        self._host, self._loss_scale = vals[:n], vals[n + 2]
+        new_bad, new_amp = int(vals[n]), int(vals[n + 1])
+        self._skips.zero_()
+        self.amp_skipped += new_amp
+        self.nonfinite += new_bad
+        return (bool(vals[n + 3]) if len(vals) > n + 3 else local_stop), new_bad
+
+    def flush(self, grad_norm: float | None = None) -> dict[str, float]:
+        """The window's scalars (TensorBoard tags), then a new window. images/s: images over the
+        wall time since the last flush, pauses left out; data_wait_share: the part of it spent
+        waiting for the loader. ``grad_norm``: measured elsewhere (DeepSpeed), else the window's last."""
+        elapsed = max(1e-9, time.perf_counter() - self.t0)
+        host = self._host if self._host is not None else self._sums.tolist()
+        n = host[-2]  # finite micro-batches in the window; none: the means are NaN, not 0
+        means = [v / n for v in host[:-2]] if n else [float("nan")] * len(self.terms)
+        stats = {**{f"loss/{k}": v for k, v in zip(self.terms, means)}, "lr": self.lr,
+                 "grad_norm": host[-1] if grad_norm is None else grad_norm,
+                 "images_per_sec": self.images * self.acc.num_processes / elapsed,
+                 "data_wait_share": self.data_wait / elapsed, "nonfinite_skipped": self.nonfinite}
+        if self.acc.scaler is not None:
+            stats["amp/loss_scale"] = self._loss_scale
+            stats["amp/overflow_skipped"] = self.amp_skipped
+        if self.acc.device.type == "cuda":
+            stats["gpu/mem_allocated_gb"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+            stats["gpu/mem_reserved_gb"] = torch.cuda.memory_reserved(self.acc.device) / 2**30
+        self._new()
+        return stats
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoints, images) stays out of images/s."""
+        t = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - t
+
+    def epoch_class_counts(self) -> tuple[float, float]:
+        """(images, fakes) trained on this epoch over all ranks, then zeroed (one host read)."""
+        seen = self.acc.reduce(self._labels.clone(), reduction="sum") if self.acc.num_processes > 1 else self._labels
+        n, fake = (float(v) for v in seen.tolist())
+        self._labels.zero_()
+        return n, fake
+
+    # ---- checkpointed state --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite": self.nonfinite}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.nonfinite = sd.get("nonfinite", 0)
 
 
 # --------------------------------------------------------------------------------------------
