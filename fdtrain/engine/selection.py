@@ -1,6 +1,7 @@
-"""Evaluation inside a training run: the evaluation sets, model selection ("best"), the report.
+"""Evaluation inside a training run: the evaluation sets and model selection ("best").
 
-``Evaluator`` builds each evaluation split's loader once and logs every result to TensorBoard;
+``Evaluator`` builds each evaluation split's loader once, logs every result to TensorBoard and
+counts the samples the loaders skipped (for metrics.json);
 ``Selection`` owns the rule that picks the best checkpoint (the set, ``eval.metric`` and
 ``eval.level``), the best value and step so far, and the last selection metrics (all saved in
 checkpoints). Every rank computes the same metrics (fdtrain.engine.evaluate gathers the scores),
