@@ -16,7 +16,7 @@ def train_tiny(out: Path, *, variant: str = "fakediffer", steps: int = 3, seed: 
     import torch
 
     from fdtrain.config import resolve
-    from fdtrain.engine.checkpoint import MODEL_FORMAT
+    from fdtrain.engine.checkpoint import write_model_file
     from fdtrain.losses import FakeDifferLoss
     from fdtrain.models import create_model_from_config
 
@@ -40,7 +40,6 @@ def train_tiny(out: Path, *, variant: str = "fakediffer", steps: int = 3, seed: 
     bn = [v for k, v in state.items() if k.endswith("running_var")]
     assert bn and all(float((v - 1).abs().max()) > 1e-3 for v in bn[:3]), "BN statistics did not move"
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "state_dict": state, "step": steps, "epoch": 0,
-                "metrics": {}}, out / "model.pt")
+    write_model_file(out / "model.pt", config=cfg.to_dict(), state_dict=state, step=steps, epoch=0, metrics={})
     return out / "model.pt"
 

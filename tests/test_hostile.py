@@ -83,8 +83,8 @@ def test_predict_reports_each_bad_input_and_scores_the_rest(tmp_path, data):
     from fdtrain.models import create_model_from_config
 
     cfg = from_dict({"model": {"input_size": 64}})
-    torch.save({"format": ck.MODEL_FORMAT, "config": cfg.to_dict(), "step": 0, "epoch": 0, "metrics": {},
-                "state_dict": create_model_from_config(cfg.model).state_dict()}, tmp_path / "model.pt")
+    ck.write_model_file(tmp_path / "model.pt", config=cfg.to_dict(), step=0, epoch=0, metrics={},
+                        state_dict=create_model_from_config(cfg.model).state_dict())
     (tmp_path / "bomb.png").write_bytes(_png_claiming(40000, 40000))
     _audio_only_mp4(tmp_path / "audio.mp4")
     with tarfile.open(data / "test" / "shard-000000.tar") as tar:

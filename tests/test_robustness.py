@@ -173,6 +173,7 @@ def test_severity_increases_the_distortion(face, dtype):
 def _tiny_run(root: Path) -> tuple[Path, Path]:
     """(test split of 4 videos x 4 frames at 64 px, run folder with one untrained checkpoint)."""
     from fdtrain.config import resolve
+    from fdtrain.engine.checkpoint import write_model_file
     from fdtrain.models import create_model_from_config
 
     data = make_shards(root / "test", 16, 2, seed=3, by_video=True)
@@ -182,8 +183,8 @@ def _tiny_run(root: Path) -> tuple[Path, Path]:
     model = create_model_from_config(cfg.model)
     ckpt = root / "run" / "checkpoints" / "step-00000007"
     ckpt.mkdir(parents=True)
-    torch.save({"format": "fdtrain-model-v1", "config": cfg.to_dict(), "state_dict": model.state_dict(), "step": 7,
-                "epoch": 0, "metrics": {}}, ckpt / "model.pt")
+    write_model_file(ckpt / "model.pt", config=cfg.to_dict(), state_dict=model.state_dict(), step=7, epoch=0,
+                     metrics={})
     (ckpt / "meta.json").write_text("{}")
     cfg.save(root / "run" / "config.yaml")
     return data, root / "run"

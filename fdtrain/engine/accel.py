@@ -91,9 +91,3 @@ def configure_deepspeed(acc, cfg: Config) -> None:
 def is_deepspeed(acc) -> bool:
     return getattr(acc.state, "deepspeed_plugin", None) is not None
 
-
-def reduce_max(acc, flags: torch.Tensor) -> list[float]:
-    """Element-wise max of a small flag vector across ranks: one collective, one host sync."""
-    if acc.num_processes > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return flags.tolist()
