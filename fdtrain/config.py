@@ -611,9 +611,15 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Every section's own rules (``Section.validate``), then the rules that span sections (none yet)."""
+    """Every section's own rules (``Section.validate``), then the rules that span sections."""
     for fl in dataclasses.fields(cfg):
         getattr(cfg, fl.name).validate()
+    if cfg.eval.select_on == "test":  # the selection set must be one of the run's test sets
+        if not cfg.data.test:
+            raise ConfigError("eval.select_on=test but data.test names no test set")
+        if cfg.eval.select_test and cfg.eval.select_test not in cfg.data.test:
+            raise ConfigError(f"eval.select_test: '{cfg.eval.select_test}' is not in data.test "
+                              f"({sorted(cfg.data.test)})")
 
 
 def _is_number(text: str) -> bool:

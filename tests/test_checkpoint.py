@@ -57,10 +57,14 @@ class _State:
         self.state = {"epoch": epoch, "step_in_epoch": 0}
 
 
-def _checkpointer(ckpt_dir, setup, **kw):
+def _checkpointer(ckpt_dir, setup, **checkpoint):
+    """A Checkpointer of the setup's components; ``checkpoint`` overrides fields of cfg.checkpoint."""
+    import dataclasses
+
     cfg, acc, model, opt, sched = setup
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, **checkpoint))
     return ck.Checkpointer(ckpt_dir, acc, model=model, optimizer=opt, scheduler=sched,
-                           loader=_State(epoch=0, step_in_epoch=0), config=cfg, parts=[_State(seen=0)], **kw)
+                           loader=_State(epoch=0, step_in_epoch=0), config=cfg, parts=[_State(seen=0)])
 
 
 def _save(ckpt, step, **kw):

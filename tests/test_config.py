@@ -225,3 +225,15 @@ def test_components_apply_their_sections_rules_and_defaults():
     want = dataclasses.replace(LossConfig(), lambda_r=0.3, flooding=0.04)
     assert (loss.lambda_r, loss.lambda_f, loss.recon, loss.flooding, loss.recon_reduction) == (
         want.lambda_r, want.lambda_f, want.recon, want.flooding, want.recon_reduction)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--eval.select_on=test"], "eval.select_on=test but data.test names no test set"),
+    (["--eval.select_on=test", "--data.test={cdf: a}", "--eval.select_test=wdf"],
+     "eval.select_test: 'wdf' is not in data.test (['cdf'])"),
+])
+def test_rules_across_sections_are_checked_with_the_config(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(None, overrides)
+    ok = resolve(None, ["--eval.select_on=test", "--data.test={cdf: a, wdf: b}", "--eval.select_test=wdf"])
+    assert ok.eval.select_test == "wdf"

@@ -247,19 +247,20 @@ class Checkpointer:
 
     It is given the run's components once: the prepared ``model`` and ``optimizer``, the
     ``scheduler``, this rank's ``loader`` (its position goes to ``rank-N.pt``), the ``config``
-    (stored with the weights) and the ``parts`` that own the rest of the training state.
+    (stored with the weights; its ``checkpoint`` section says how many are kept) and the ``parts``
+    that own the rest of the training state.
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike, accelerator, *, model, optimizer, scheduler, loader,
-                 config, parts: Sequence[Stateful] = (), keep_last: int = 3, keep_best: bool = True):
+                 config, parts: Sequence[Stateful] = ()):
         from fdtrain.engine.ranks import broadcast
 
         self.dir = Path(ckpt_dir)
         self.acc = accelerator
         self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
         self.config, self.parts = config, list(parts)
-        self.keep_last = max(1, keep_last)  # the newest is always kept: it is what --resume uses
-        self.keep_best = keep_best
+        self.keep_last = max(1, config.checkpoint.keep_last)  # the newest is always kept: --resume uses it
+        self.keep_best = config.checkpoint.keep_best
         self.is_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
         # Temporary folders carry this run's token: a process removes only what it wrote.
         self.token = broadcast(accelerator, f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")

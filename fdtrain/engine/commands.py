@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fdtrain.config import EvalConfig
 from fdtrain.data.prep.video import FRAMES_PER_VIDEO  # numpy only
 
 
@@ -128,7 +129,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-images", action="store_true", help="detect and crop faces in images too "
                    "(default: images are face crops already, as in the shards)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threshold", type=float, default=0.5, help="score above which the label is 'fake'")
+    p.add_argument("--threshold", type=float, default=EvalConfig.threshold,
+                   help="score above which the label is 'fake' (default %(default)s, eval.threshold's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
 

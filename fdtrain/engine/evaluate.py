@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fdtrain.config import EvalConfig
+
 log = logging.getLogger(__name__)
 
 @dataclass
@@ -34,7 +36,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_loader(model, loader, *, accelerator=None, name: str = "eval", threshold: float = 0.5,
+def evaluate_loader(model, loader, *, accelerator=None, name: str = "eval", threshold: float = EvalConfig.threshold,
                     max_batches: int = 0, input_dtype: torch.dtype | None = None) -> EvalResult:
     """Score every sample of ``loader`` with ``model`` (inference forward: logits only).
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fdtrain.config import EvalConfig
 from fdtrain.data.prep.video import FRAMES_PER_VIDEO
 from fdtrain.serving.preprocess import to_batch
 
@@ -36,7 +37,7 @@ class PredictOptions:
     crop_size: int = 320  # short side of a crop before the model's resize, as ingestion stores it
     jpeg_quality: int = 95  # ingestion stores JPEG q95 crops; scoring the same bytes avoids a shift
     batch_size: int = 16
-    threshold: float = 0.5
+    threshold: float = EvalConfig.threshold
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:

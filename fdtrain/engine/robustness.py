@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fdtrain.config import EvalConfig
+
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
@@ -95,8 +97,8 @@ class SweepResult:
 
 
 def sweep(model, cfg, folder: str | os.PathLike, conds: list[tuple[str, int]], *, accelerator=None,
-          device=None, name: str = "test", threshold: float = 0.5, seed: int = 0, num_workers: int | None = None,
-          input_dtype=None, progress: bool = False) -> SweepResult:
+          device=None, name: str = "test", threshold: float = EvalConfig.threshold, seed: int = 0,
+          num_workers: int | None = None, input_dtype=None, progress: bool = False) -> SweepResult:
     """Score the clean set and every condition; every rank calls it and gets the same metrics."""
     import torch
     from torch.utils.data import DataLoader

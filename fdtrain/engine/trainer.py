@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fdtrain import EXIT_PREEMPTED
-from fdtrain.config import Config, ConfigError
+from fdtrain.config import Config, ConfigError, validate
 from fdtrain.data import DataError
 from fdtrain.engine import evaluate as ev
 from fdtrain.engine import resume_config
@@ -74,6 +74,8 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         from accelerate.utils import set_seed
+
+        validate(cfg)  # a config changed after resolve (a library caller, a test) meets the same rules
 
         from fdtrain.data import build_loader
         from fdtrain.losses import FakeDifferLoss
@@ -131,8 +133,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, acc, self.tb, build_loader, self.input_dtype)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", acc, model=self.model, optimizer=self.optimizer,
                                  scheduler=self.scheduler, loader=self.loader, config=cfg,
-                                 parts=[self, self.window, self.selection], keep_last=cfg.checkpoint.keep_last,
-                                 keep_best=cfg.checkpoint.keep_best)
+                                 parts=[self, self.window, self.selection])
         self.progress: Progress | None = None
         self.signals: PreemptionHandler | None = None
         self.last_train_stats: dict[str, float] = {}
