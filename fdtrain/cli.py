@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from fdtrain import report_error
+
 # (command path, module that implements it, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train",), "fdtrain.engine.commands:train", "train a model from a YAML recipe"),
@@ -72,20 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:
-        report(f"fdtrain: config error: {e}")
+        report_error(f"fdtrain: config error: {e}")
         return 2
     except FdtrainError as e:
-        report(f"fdtrain {args._cmd}: {e}")
+        report_error(f"fdtrain {args._cmd}: {e}")
         return 2
-
-
-def report(message: str) -> None:
-    """A user-facing error, printed once per job: by global rank 0 (every rank of a launched job
-    raises the same error at the same point; the engine gathers rank-local failures to rank 0)."""
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

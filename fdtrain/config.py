@@ -278,12 +278,12 @@ class RobustnessConfig(Section):
 
     def check(self) -> None:
         if self.types:  # names and levels checked now, not after training
-            from fdtrain.engine.robustness import parse_levels, parse_types
+            from fdtrain.data.distortions import parse_levels, parse_types
 
             try:
                 parse_types(self.types)
                 parse_levels(self.levels)
-            except ConfigError as e:
+            except ValueError as e:
                 raise ConfigError(f"{self.SECTION}: {e}") from None
 
 

@@ -1,7 +1,7 @@
 """Load a trained model from a checkpoint with plain torch (no Accelerate, no DeepSpeed).
 
 A checkpoint folder holds ``model.pt`` = {"config": Config.to_dict(), "state_dict": ..., "step",
-"epoch", "metrics"}, read by fdtrain.engine.checkpoint.load_model_file (its one reader);
+"epoch", "metrics"}, read by fdtrain.model_file.load_model_file (its one reader);
 ``load_model`` rebuilds the model from the stored config and loads the weights.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fdtrain.config import Config, ConfigError, from_dict
 from fdtrain.models import create_model_from_config
 
 if TYPE_CHECKING:
-    from fdtrain.engine.checkpoint import ModelFile
+    from fdtrain.model_file import ModelFile
 
 # Wrappers that prefix parameter names: DDP ("module."), torch.compile ("_orig_mod.").
 _PREFIXES = ("module.", "_orig_mod.")
@@ -43,15 +43,15 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
 
     ImageNet weights are never looked up: everything comes from the checkpoint.
     """
-    from fdtrain.engine.checkpoint import load_model_file
+    from fdtrain.model_file import load_model_file
 
     return model_from_file(load_model_file(path), map_location, eval_mode)
 
 
 def model_from_file(mf: ModelFile, map_location: Union[str, torch.device] = "cpu",
                     eval_mode: bool = True) -> tuple[nn.Module, Config]:
-    """(model, cfg) rebuilt from a model file already read (fdtrain.engine.checkpoint.load_model_file)."""
-    from fdtrain.engine.checkpoint import CheckpointError
+    """(model, cfg) rebuilt from a model file already read (fdtrain.model_file.load_model_file)."""
+    from fdtrain.model_file import CheckpointError
 
     try:
         cfg = from_dict(mf.config)

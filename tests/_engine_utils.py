@@ -167,7 +167,7 @@ def in_process(cfg, keys: list | None = None) -> int:
 def kill_after_first_checkpoint(cmd: list[str], ckpt_dir: Path, timeout: float = 600) -> int:
     """Start a training command, SIGKILL it (and its children) as soon as its first complete
     checkpoint appears; returns the newest complete checkpoint's step at that moment."""
-    from fdtrain.engine.checkpoint import list_checkpoints
+    from fdtrain.model_file import list_checkpoints
 
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

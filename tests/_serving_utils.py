@@ -16,8 +16,8 @@ def train_tiny(out: Path, *, variant: str = "fakediffer", steps: int = 3, seed: 
     import torch
 
     from fdtrain.config import resolve
-    from fdtrain.engine.checkpoint import write_model_file
     from fdtrain.losses import FakeDifferLoss
+    from fdtrain.model_file import write_model_file
     from fdtrain.models import create_model_from_config
 
     overrides = {"model": {"variant": variant, "input_size": SIZE, "pretrained": False, **model},

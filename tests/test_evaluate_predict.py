@@ -47,9 +47,9 @@ def test_evaluate_a_dataset_folder_names_each_split(trained, tmp_path):
 def _scores_by_key(run_dir, data):
     """Per-frame scores of the checkpoint, through the loader (what evaluate uses)."""
     from fdtrain.data import build_loader
-    from fdtrain.engine.checkpoint import resolve_model_file
     from fdtrain.engine.evaluate import evaluate_loader
     from fdtrain.inference import load_model
+    from fdtrain.model_file import resolve_model_file
 
     model, cfg = load_model(resolve_model_file(run_dir))
     res = evaluate_loader(model, build_loader(cfg, "test", path=str(data / "test")))
@@ -112,7 +112,7 @@ def test_find_sets_picks_split_folders(tmp_path):
 
 
 def test_evaluate_reads_the_model_file_once(trained, monkeypatch):
-    """model.pt has one reader (fdtrain.engine.checkpoint.load_model_file): `fdtrain evaluate` reads
+    """model.pt has one reader (fdtrain.model_file.load_model_file): `fdtrain evaluate` reads
     the weights, config and step from one load."""
     import torch
 

@@ -182,3 +182,62 @@ def test_shard_format_rules_have_one_owner():
     leftover = ("fdtrain/engine/commands.py:",)
     outside = [x for x in inline if not x.startswith((fmt + ":", *leftover))]
     assert outside == [], f"restated outside {fmt}: {outside}"
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/design.md: the package map lists every module, and imports go the way it says
+# ----------------------------------------------------------------------------------------------
+DESIGN = PKG.parent / "docs" / "design.md"
+
+
+def _design() -> tuple[dict[str, int], set[str]]:
+    """(unit -> level from the 'Direction of imports' block, module paths in the table)."""
+    text = DESIGN.read_text()
+    block = text.split("## Direction of imports", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    levels = {}
+    for line in block.strip().splitlines():
+        level, *units = line.split()
+        for u in units:
+            assert u not in levels, f"docs/design.md lists {u} twice"
+            levels[u] = int(level)
+    listed = set(re.findall(r"^\| `(fdtrain/[\w/]+\.py)` \|", text, re.M))
+    return levels, listed
+
+
+def _unit(module: str, units: dict[str, int]) -> str:
+    """The longest listed unit that is the module or contains it."""
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in units:
+            return ".".join(parts[:i])
+    raise AssertionError(f"{module}: in no unit of docs/design.md's 'Direction of imports'")
+
+
+def test_package_map_lists_every_module_and_nothing_else():
+    _, listed = _design()
+    actual = {str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py")}
+    assert not actual - listed, f"modules missing from docs/design.md: {sorted(actual - listed)}"
+    assert not listed - actual, f"docs/design.md lists modules that do not exist: {sorted(listed - actual)}"
+
+
+def _against_direction(levels: dict[str, int], graph: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for a, targets in graph.items():
+        ua = _unit(a, levels)
+        for b in targets:
+            ub = _unit(b, levels)
+            if ua != ub and levels[ub] >= levels[ua]:
+                wrong.append(f"{a} (level {levels[ua]}) imports {b} (level {levels[ub]})")
+    return wrong
+
+
+def test_imports_go_the_way_the_package_map_says():
+    """Every import (module- or function-level) goes from a unit to one on a line above it."""
+    levels, _ = _design()
+    top, inner = _graph()
+    wrong = _against_direction(levels, top) + _against_direction(levels, inner)
+    assert not wrong, "imports against docs/design.md's direction:\n" + "\n".join(sorted(wrong))
+    # the check itself: an upward import, and one between units of the same line, are caught
+    assert _against_direction(levels, {"fdtrain.config": {"fdtrain.engine.trainer"}})
+    assert _against_direction(levels, {"fdtrain.metrics": {"fdtrain.losses"}})
+    assert not _against_direction(levels, {"fdtrain.engine.trainer": {"fdtrain.engine.optim", "fdtrain.config"}})

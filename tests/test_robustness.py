@@ -173,7 +173,7 @@ def test_severity_increases_the_distortion(face, dtype):
 def _tiny_run(root: Path) -> tuple[Path, Path]:
     """(test split of 4 videos x 4 frames at 64 px, run folder with one untrained checkpoint)."""
     from fdtrain.config import resolve
-    from fdtrain.engine.checkpoint import write_model_file
+    from fdtrain.model_file import write_model_file
     from fdtrain.models import create_model_from_config
 
     data = make_shards(root / "test", 16, 2, seed=3, by_video=True)

@@ -92,7 +92,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def _random_model(folder: Path, variant: str, size: int) -> Path:
     """A model.pt of a randomly initialised model (fdtrain's model file format)."""
     from fdtrain.config import resolve
-    from fdtrain.engine.checkpoint import write_model_file
+    from fdtrain.model_file import write_model_file
     from fdtrain.models import create_model_from_config
 
     cfg = resolve(None, {"model": {"variant": variant, "input_size": size, "pretrained": False}})

@@ -50,6 +50,46 @@ PROTOCOL: dict[str, tuple[str, tuple, str]] = {
 }
 TYPES: tuple[str, ...] = tuple(PROTOCOL)
 LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+
+def parse_types(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Distortion types from 'CS,GB' / ['cs', 'GB'] / 'all' (case-insensitive), in protocol order;
+    ValueError naming the bad ones (config and the CLI say which field or flag)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    items = [str(s).strip() for s in items if str(s).strip()]
+    if not items or [s.lower() for s in items] == ["all"]:
+        return list(TYPES)
+    bad = [s for s in items if s.upper() not in TYPES]
+    if bad:
+        valid = ", ".join(f"{t} ({PROTOCOL[t][0]})" for t in TYPES)
+        raise ValueError(f"unknown distortion type(s) {bad}: valid types are {valid}, or 'all'")
+    wanted = {s.upper() for s in items}
+    return [t for t in TYPES if t in wanted]
+
+
+def parse_levels(spec: str | list | tuple | None) -> list[int]:
+    """Severity levels from '1-5', '1,3,5', '2' or a list of ints; each in 1..5."""
+    if spec is None or spec == "" or spec == []:
+        return list(LEVELS)
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: set[int] = set()
+    for p in parts:
+        text = str(p).strip()
+        try:
+            if "-" in text.strip("-"):
+                a, b = (int(v) for v in text.split("-", 1))
+                vals = list(range(a, b + 1)) if a <= b else [a, b]
+            else:
+                vals = [int(text)]
+        except ValueError:
+            raise ValueError(f"bad severity level '{text}': valid levels are 1, 2, 3, 4, 5 "
+                              "(a list '1,3,5' or a range '1-5')") from None
+        bad = [v for v in vals if v not in LEVELS]
+        if bad or not vals:
+            raise ValueError(f"bad severity level '{text}': valid levels are 1, 2, 3, 4, 5 "
+                              "(a list '1,3,5' or a range '1-5')")
+        out.update(vals)
+    return sorted(out)
 IMAGE_TYPES: tuple[str, ...] = tuple(t for t in TYPES if t != "VC")  # per frame; VC needs the whole video
 BLOCK = 8  # BW block width (reference: width = 8, value 128)
 VC_FPS = 25

@@ -40,9 +40,9 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         return train(cfg)
     except DataError as e:  # shards missing, empty, damaged: the message names the folder/shard/key
-        from fdtrain.cli import report
+        from fdtrain import report_error
 
-        report(f"fdtrain train: data error: {e}")
+        report_error(f"fdtrain train: data error: {e}")
         return 2
 
 

@@ -140,8 +140,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     same evaluation the trainer does.
     """
     from fdtrain.data import build_loader
-    from fdtrain.engine.checkpoint import load_model_file
     from fdtrain.inference import model_from_file
+    from fdtrain.model_file import load_model_file
 
     mf = load_model_file(checkpoint)  # read once: the weights, the config and the step
     model, cfg = model_from_file(mf)

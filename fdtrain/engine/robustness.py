@@ -28,51 +28,6 @@ CLEAN = "clean"
 # --------------------------------------------------------------------------------------------
 # Conditions
 # --------------------------------------------------------------------------------------------
-def parse_types(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Distortion types from 'CS,GB' / ['cs', 'GB'] / 'all' (case-insensitive), in protocol order."""
-    from fdtrain.config import ConfigError
-    from fdtrain.data.distortions import PROTOCOL, TYPES
-
-    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
-    items = [str(s).strip() for s in items if str(s).strip()]
-    if not items or [s.lower() for s in items] == ["all"]:
-        return list(TYPES)
-    bad = [s for s in items if s.upper() not in TYPES]
-    if bad:
-        valid = ", ".join(f"{t} ({PROTOCOL[t][0]})" for t in TYPES)
-        raise ConfigError(f"unknown distortion type(s) {bad}: valid types are {valid}, or 'all'")
-    wanted = {s.upper() for s in items}
-    return [t for t in TYPES if t in wanted]
-
-
-def parse_levels(spec: str | list | tuple | None) -> list[int]:
-    """Severity levels from '1-5', '1,3,5', '2' or a list of ints; each in 1..5."""
-    from fdtrain.config import ConfigError
-    from fdtrain.data.distortions import LEVELS
-
-    if spec is None or spec == "" or spec == []:
-        return list(LEVELS)
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: set[int] = set()
-    for p in parts:
-        text = str(p).strip()
-        try:
-            if "-" in text.strip("-"):
-                a, b = (int(v) for v in text.split("-", 1))
-                vals = list(range(a, b + 1)) if a <= b else [a, b]
-            else:
-                vals = [int(text)]
-        except ValueError:
-            raise ConfigError(f"bad severity level '{text}': valid levels are 1, 2, 3, 4, 5 "
-                              "(a list '1,3,5' or a range '1-5')") from None
-        bad = [v for v in vals if v not in LEVELS]
-        if bad or not vals:
-            raise ConfigError(f"bad severity level '{text}': valid levels are 1, 2, 3, 4, 5 "
-                              "(a list '1,3,5' or a range '1-5')")
-        out.update(vals)
-    return sorted(out)
-
-
 def conditions(types: list[str], levels: list[int]) -> list[tuple[str, int]]:
     return [(t, lv) for t in types for lv in levels]
 
@@ -324,6 +279,8 @@ def protocol_header(conds: list[tuple[str, int]]) -> str:
 # --------------------------------------------------------------------------------------------
 def sweep_after_training(model, cfg, accelerator, tb, run_dir: str | os.PathLike, step: int, input_dtype=None) -> None:
     """The sweep on every test set of the recipe (eval.robustness), into run_dir/robustness/<set>/."""
+    from fdtrain.data.distortions import parse_levels, parse_types
+
     r = cfg.eval.robustness
     conds = conditions(parse_types(r.types), parse_levels(r.levels))
     for set_name, folder in cfg.data.test.items():
@@ -370,19 +327,19 @@ def _run_folder(checkpoint: str) -> Path | None:
 
 
 def run_robustness(args: argparse.Namespace) -> int:
-    from fdtrain.cli import report
-    from fdtrain.config import ConfigError
+    from fdtrain import report_error
     from fdtrain.data import DataError
+    from fdtrain.data.distortions import parse_levels, parse_types
 
     try:
         conds = conditions(parse_types(args.types), parse_levels(args.levels))
-    except ConfigError as e:
-        report(f"fdtrain robustness: {e}")
+    except ValueError as e:  # a bad --types/--levels
+        report_error(f"fdtrain robustness: {e}")
         return 2
     try:
         return _run(args, conds)
     except (FileNotFoundError, DataError) as e:  # one message per job (rank 0)
-        report(f"fdtrain robustness: {e}")
+        report_error(f"fdtrain robustness: {e}")
         return 2
 
 
@@ -390,9 +347,9 @@ def _run(args: argparse.Namespace, conds: list[tuple[str, int]]) -> int:
     import torch
 
     from fdtrain.data import DataError
-    from fdtrain.engine.checkpoint import load_model_file
     from fdtrain.engine.evaluate import write_json
     from fdtrain.inference import model_from_file
+    from fdtrain.model_file import load_model_file
 
     data = Path(args.data)
     if not (data / "manifest.json").is_file():

@@ -28,13 +28,7 @@ from fdtrain.data import DataError
 from fdtrain.engine import evaluate as ev
 from fdtrain.engine import resume_config
 from fdtrain.engine.accel import build_accelerator, is_deepspeed
-from fdtrain.engine.checkpoint import (
-    Checkpointer,
-    best_checkpoint,
-    checkpoint_config,
-    list_checkpoints,
-    newest_checkpoint,
-)
+from fdtrain.engine.checkpoint import Checkpointer
 from fdtrain.engine.optim import (
     BufferGuard,
     Schedule,
@@ -49,6 +43,7 @@ from fdtrain.engine.runlock import RunLock
 from fdtrain.engine.selection import Evaluator, Selection
 from fdtrain.engine.signals import PreemptionHandler
 from fdtrain.engine.tblog import Progress, StepWindow, TBLogger
+from fdtrain.model_file import best_checkpoint, checkpoint_config, list_checkpoints, newest_checkpoint
 
 log = logging.getLogger("fdtrain.train")
 

@@ -65,8 +65,8 @@ def _outputs(y) -> list[np.ndarray]:
 
 def load_for_export(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any, Path]:
     """(model in eval mode, its Config, the model.pt file); clear errors for paths that hold no model."""
-    from fdtrain.engine.checkpoint import resolve_model_file
     from fdtrain.inference import load_model
+    from fdtrain.model_file import resolve_model_file
 
     model_file = resolve_model_file(checkpoint)  # FileNotFoundError names the path
     try:
