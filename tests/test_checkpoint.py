@@ -6,6 +6,7 @@ import subprocess
 import pytest
 import torch
 
+from fdtrain import model_file as mf
 from fdtrain.config import from_dict
 from fdtrain.engine import checkpoint as ck
 from tests import _engine_utils as U
@@ -123,7 +124,7 @@ def test_keeps_last_k_plus_best_and_ignores_partial_writes(setup, tmp_path):
     stale = ckpt_dir / ".tmp-step-00000099"  # what a crash mid-write leaves
     stale.mkdir()
     (stale / "model.pt").write_bytes(b"half a file")
-    assert ck.newest_checkpoint(ckpt_dir) is None
+    assert mf.newest_checkpoint(ckpt_dir) is None
     ckpt = _checkpointer(ckpt_dir, setup, keep_last=2)
     assert not stale.exists()  # cleaned when the next run starts
 
@@ -132,15 +133,15 @@ def test_keeps_last_k_plus_best_and_ignores_partial_writes(setup, tmp_path):
         if step == 2:
             ckpt.mark_best(path, {"value": 0.9, "step": 2})
         ckpt.prune()
-    assert [s for s, _ in ck.list_checkpoints(ckpt_dir)] == [2, 3, 4]  # last 2 + the best
-    assert ck.best_checkpoint(ckpt_dir).name == "step-00000002"
+    assert [s for s, _ in mf.list_checkpoints(ckpt_dir)] == [2, 3, 4]  # last 2 + the best
+    assert mf.best_checkpoint(ckpt_dir).name == "step-00000002"
     assert json.loads((ckpt_dir / "best.json").read_text())["checkpoint"] == "step-00000002"
-    assert ck.newest_checkpoint(ckpt_dir).name == "step-00000004"
+    assert mf.newest_checkpoint(ckpt_dir).name == "step-00000004"
     # a run folder, a checkpoints folder or a checkpoint resolve to a model file (best first)
-    assert ck.resolve_model_file(tmp_path).parent.name == "step-00000002"
-    assert ck.resolve_model_file(ckpt_dir / "step-00000003").parent.name == "step-00000003"
+    assert mf.resolve_model_file(tmp_path).parent.name == "step-00000002"
+    assert mf.resolve_model_file(ckpt_dir / "step-00000003").parent.name == "step-00000003"
     with pytest.raises(FileNotFoundError, match="no model.pt"):
-        ck.resolve_model_file(tmp_path / "nothing")
+        mf.resolve_model_file(tmp_path / "nothing")
 
 
 @pytest.mark.slow
@@ -160,7 +161,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(easy_
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def mid_write():
-            return bool(ck.list_checkpoints(ckpt_dir)) and any(ckpt_dir.glob(".tmp-step-*"))
+            return bool(mf.list_checkpoints(ckpt_dir)) and any(ckpt_dir.glob(".tmp-step-*"))
 
         assert U.wait_for(mid_write, timeout=300, proc=proc), proc.communicate()[0][-4000:]
         proc.send_signal(signal.SIGKILL)
@@ -172,7 +173,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(easy_
     assert proc.returncode == -signal.SIGKILL
     partial = list(ckpt_dir.glob(".tmp-step-*"))
     assert partial, "the kill did not land during a write"
-    newest = ck.newest_checkpoint(ckpt_dir)
+    newest = mf.newest_checkpoint(ckpt_dir)
     assert newest is not None and int(partial[0].name.split("-")[2]) > int(newest.name.split("-")[-1])
     model, cfg = load_model(newest)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -184,7 +185,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(easy_
     assert done.returncode == 0, U.explain(done)
     assert f"resumed from {newest}" in done.stdout
     assert not list(ckpt_dir.glob(".tmp-step-*"))
-    assert ck.newest_checkpoint(ckpt_dir).name == f"step-{step + 2:08d}"
+    assert mf.newest_checkpoint(ckpt_dir).name == f"step-{step + 2:08d}"
 
 
 class _RunsCode:
@@ -214,7 +215,7 @@ def test_crafted_and_damaged_files_are_refused_without_running_code(setup, tmp_p
     good = {f.name: f.read_bytes() for f in path.glob("*.pt")}
     for name in ("train_state.pt", "rank-00000.pt", "model.pt"):
         torch.save({"state_dict": {}, "config": {}, "payload": _RunsCode(marker)}, path / name)
-        with pytest.raises(ck.CheckpointError, match=rf"{name}: refused: unpickling it would import \S*system"):
+        with pytest.raises(mf.CheckpointError, match=rf"{name}: refused: unpickling it would import \S*system"):
             if name == "model.pt":
                 load_model(path)
             else:
@@ -226,8 +227,8 @@ def test_crafted_and_damaged_files_are_refused_without_running_code(setup, tmp_p
     cases = {b"": "empty file", good["model.pt"][: len(good["model.pt"]) // 2]: "truncated or not a torch file"}
     for data, why in cases.items():
         model_pt.write_bytes(data)
-        with pytest.raises(ck.CheckpointError, match=f"model.pt: .*{why}"):
+        with pytest.raises(mf.CheckpointError, match=f"model.pt: .*{why}"):
             load_model(path)
     torch.save({"conv.weight": torch.zeros(2)}, model_pt)  # a foreign state dict, e.g. timm's
-    with pytest.raises(ck.CheckpointError, match="model.pt: not an fdtrain model file: no 'config'"):
+    with pytest.raises(mf.CheckpointError, match="model.pt: not an fdtrain model file: no 'config'"):
         load_model(path)

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from fdtrain import model_file as mf
 from fdtrain.engine import checkpoint as ck
 from tests import _engine_utils as U
 
@@ -61,7 +62,7 @@ def test_two_cpu_processes(launcher, data, tmp_path):
     assert "on 2 x cpu" in proc.stdout and "MULTI_CPU" in proc.stdout  # two processes, not one
     run_dir = tmp_path / "runs" / name
     _check_ranks_agree(run_dir, 6)
-    newest = ck.newest_checkpoint(run_dir / "checkpoints")
+    newest = mf.newest_checkpoint(run_dir / "checkpoints")
     assert {p.name for p in newest.glob("rank-*.pt")} == {"rank-00000.pt", "rank-00001.pt"}
     assert json.loads((newest / "meta.json").read_text())["world_size"] == 2
     _check_single_process_evaluation(run_dir, data, tmp_path)
@@ -79,7 +80,7 @@ def test_deepspeed_zero2_save_resume_and_consolidate(data, tmp_path):
     run_dir = tmp_path / "runs" / name
     _check_ranks_agree(run_dir, 4)
 
-    first = ck.newest_checkpoint(run_dir / "checkpoints")
+    first = mf.newest_checkpoint(run_dir / "checkpoints")
     assert first.name == "step-00000004"
     ds = first / "deepspeed" / "state"
     assert {p.name for p in ds.iterdir()} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
@@ -97,6 +98,6 @@ def test_deepspeed_zero2_save_resume_and_consolidate(data, tmp_path):
     assert proc.returncode == 0, U.explain(proc)
     assert f"resumed from {first} at step 4" in proc.stdout
     _check_ranks_agree(run_dir, 6)
-    state = torch.load(ck.newest_checkpoint(run_dir / "checkpoints") / "train_state.pt", weights_only=True)
+    state = torch.load(mf.newest_checkpoint(run_dir / "checkpoints") / "train_state.pt", weights_only=True)
     assert state["scheduler"]["last_epoch"] == 6 and "optimizer" not in state  # DeepSpeed holds the optimizer
     _check_single_process_evaluation(run_dir, data, tmp_path)
