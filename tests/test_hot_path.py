@@ -8,6 +8,7 @@ CPU only: Accelerate makes no grad scaler on a CPU, so the fp16 tests install a 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -102,6 +103,26 @@ def _adam_steps(trainer) -> set[float]:
     return {float(s["step"]) for s in trainer._opt.state.values()}
 
 
+def _fit_with_a_bad_step(trainer, bad_step: int, value: float, record) -> dict[int, Any]:
+    """Run ``trainer`` with one non-finite input at optimizer step ``bad_step`` (0-based); before each
+    step, ``record()`` is kept by step. Returns those records, after checking the run finished."""
+    seen: dict[int, Any] = {}
+
+    def on_batch(step, batch):
+        seen[step] = record()
+        if step == bad_step:
+            batch["x"] = batch["x"].clone()
+            batch["x"][0, 0, 0, 0] = value
+            batch["x_noisy"] = batch["x"]
+
+    trainer.on_batch = on_batch
+    try:
+        assert trainer.fit() == 0
+    finally:
+        _finish(trainer)
+    return seen
+
+
 @pytest.mark.parametrize("clip,fused", [(0.0, True), (1.0, True), (1.0, False)])
 def test_fp16_grad_scaler_skips_a_nonfinite_step_and_trains_on(data, tmp_path, clip, fused):
     """A NaN input at the 3rd step with a GradScaler: before the fix, clipping (and the norm
@@ -113,21 +134,8 @@ def test_fp16_grad_scaler_skips_a_nonfinite_step_and_trains_on(data, tmp_path, c
         "train.max_steps": 6, "logging.every_steps": 3, "optim.grad_clip": clip, "optim.fused": fused})
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
     trainer.acc.scaler = trainer.optimizer.scaler = scaler
-    snaps: dict[int, dict] = {}
-    adam: dict[int, set] = {}
-
-    def on_batch(step, batch):
-        snaps[step], adam[step] = _state(trainer), _adam_steps(trainer)
-        if step == 2:  # the 3rd optimizer step gets a non-finite loss
-            batch["x"] = batch["x"].clone()
-            batch["x"][0, 0, 0, 0] = float("nan")
-            batch["x_noisy"] = batch["x"]
-
-    trainer.on_batch = on_batch
-    try:
-        assert trainer.fit() == 0
-    finally:
-        _finish(trainer)
+    seen = _fit_with_a_bad_step(trainer, 2, float("nan"), lambda: (_state(trainer), _adam_steps(trainer)))
+    snaps, adam = {k: v[0] for k, v in seen.items()}, {k: v[1] for k, v in seen.items()}
     assert trainer.step == 6 and trainer.nonfinite == 1
     assert scaler.get_scale() == 2.0 ** 7  # backed off once, for the skipped step only
     assert adam[3] == adam[2] == {2.0} and adam[5] == {4.0}
@@ -141,20 +149,7 @@ def test_fp16_grad_scaler_skips_a_nonfinite_step_and_trains_on(data, tmp_path, c
 def test_fp32_nonfinite_step_leaves_no_trace_without_a_scaler(data, tmp_path):
     """No scaler: the non-finite flag reaches fused Adam as found_inf; same guarantees."""
     trainer = _trainer(data, tmp_path, "fp32nan", **{"train.max_steps": 4, "logging.every_steps": 4})
-    snaps: dict[int, dict] = {}
-
-    def on_batch(step, batch):
-        snaps[step] = _state(trainer)
-        if step == 1:
-            batch["x"] = batch["x"].clone()
-            batch["x"][0, 0, 0, 0] = float("inf")
-            batch["x_noisy"] = batch["x"]
-
-    trainer.on_batch = on_batch
-    try:
-        assert trainer.fit() == 0
-    finally:
-        _finish(trainer)
+    snaps = _fit_with_a_bad_step(trainer, 1, float("inf"), lambda: _state(trainer))
     assert trainer.nonfinite == 1 and trainer.last_train_stats["nonfinite_skipped"] == 1
     for k, v in snaps[1].items():
         assert torch.equal(v, snaps[2][k]), k
@@ -274,21 +269,8 @@ def test_cuda_fp16_with_accelerates_grad_scaler_survives_a_nonfinite_step(data, 
         "train.max_steps": 6, "logging.every_steps": 3, "optim.grad_clip": clip})
     scaler = trainer.acc.scaler
     assert scaler is not None and trainer._fused
-    snaps: dict[int, dict] = {}
-    scales: dict[int, float] = {}
-
-    def on_batch(step, batch):
-        snaps[step], scales[step] = _state(trainer), scaler.get_scale()
-        if step == 2:
-            batch["x"] = batch["x"].clone()
-            batch["x"][0, 0, 0, 0] = float("nan")
-            batch["x_noisy"] = batch["x"]
-
-    trainer.on_batch = on_batch
-    try:
-        assert trainer.fit() == 0
-    finally:
-        _finish(trainer)
+    seen = _fit_with_a_bad_step(trainer, 2, float("nan"), lambda: (_state(trainer), scaler.get_scale()))
+    snaps, scales = {k: v[0] for k, v in seen.items()}, {k: v[1] for k, v in seen.items()}
     assert trainer.step == 6 and trainer.nonfinite == 1
     assert scales[3] == scales[2] / 2  # the skipped step backed the scale off
     for k, v in snaps[2].items():

@@ -61,6 +61,22 @@ def evaluate_loader(model, loader, *, accelerator=None, name: str = "eval", thre
     return EvalResult(name, acc_metrics.compute(), acc_metrics.scores, acc_metrics.labels, acc_metrics.keys or [])
 
 
+def evaluate_folder(model, cfg, name: str, folder: str | os.PathLike, *, device, accelerator=None, rank: int = 0,
+                    world: int = 1, threshold: float = 0.5, max_batches: int = 0,
+                    input_dtype: torch.dtype | None = None) -> EvalResult:
+    """One split folder scored as `fdtrain evaluate` scores it: its eval loader (this rank's share),
+    :func:`evaluate_loader`, and the loader closed however that ends."""
+    from fdtrain.data import build_loader
+
+    loader = build_loader(cfg, name, rank=rank, world_size=world, device=device, path=str(folder))
+    try:
+        return evaluate_loader(model, loader, accelerator=accelerator, name=name, threshold=threshold,
+                               max_batches=max_batches, input_dtype=input_dtype)
+    finally:
+        if callable(getattr(loader, "close", None)):
+            loader.close()
+
+
 def log_result(tb, result: EvalResult, step: int) -> None:
     """eval/<set>/<level>/<metric> scalars and the ROC image (rank 0's logger; no-op elsewhere)."""
     tb.metrics(result.name, result.metrics, step)
@@ -139,7 +155,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     Runs on one process, or on every rank when started by a launcher (WORLD_SIZE > 1), the
     same evaluation the trainer does.
     """
-    from fdtrain.data import build_loader
     from fdtrain.inference import model_from_file
     from fdtrain.model_file import load_model_file
 
@@ -163,13 +178,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     model.to(dev)
     results = {}
     for set_name, folder in find_sets(data, name).items():
-        loader = build_loader(cfg, set_name, rank=rank, world_size=world, device=dev, path=str(folder))
-        try:
-            res = evaluate_loader(model, loader, accelerator=accelerator, name=set_name, threshold=threshold,
-                                  max_batches=max_batches)
-        finally:
-            if callable(getattr(loader, "close", None)):
-                loader.close()
+        res = evaluate_folder(model, cfg, set_name, folder, device=dev, accelerator=accelerator, rank=rank,
+                              world=world, threshold=threshold, max_batches=max_batches)
         results[set_name] = res.metrics
     fp = checkpoint_fingerprint(mf.path, mf.config, find_sets(data, name)) if rank == 0 else None
     return {"checkpoint": str(mf.path), "step": mf.step, "run": cfg.run.name,

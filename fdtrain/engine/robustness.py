@@ -9,6 +9,7 @@ Nothing heavy is imported at module level (``fdtrain --help`` stays instant).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -58,12 +59,11 @@ def sweep(model, cfg, folder: str | os.PathLike, conds: list[tuple[str, int]], *
     import torch
     from torch.utils.data import DataLoader
 
-    from fdtrain.data import DataError, build_loader
     from fdtrain.data.augment import normalize_uint8
     from fdtrain.data.format import open_shards
     from fdtrain.data.loading.sweep_stream import SweepStream, catalog, plan
-    from fdtrain.data.loading.torch_loader import _unwrap
-    from fdtrain.engine.evaluate import EvalResult, evaluate_loader
+    from fdtrain.data.loading.torch_loader import worker_batches
+    from fdtrain.engine.evaluate import EvalResult, evaluate_folder
     from fdtrain.metrics import MetricAccumulator
 
     rank = accelerator.process_index if accelerator is not None else 0
@@ -73,13 +73,8 @@ def sweep(model, cfg, folder: str | os.PathLike, conds: list[tuple[str, int]], *
 
     # clean: exactly what `fdtrain evaluate` runs
     t0 = time.perf_counter()
-    loader = build_loader(cfg, name, rank=rank, world_size=world, device=device, path=str(folder))
-    try:
-        clean = evaluate_loader(model, loader, accelerator=accelerator, name=name, threshold=threshold,
-                                input_dtype=input_dtype)
-    finally:
-        if callable(getattr(loader, "close", None)):
-            loader.close()
+    clean = evaluate_folder(model, cfg, name, folder, device=device, accelerator=accelerator, rank=rank, world=world,
+                            threshold=threshold, input_dtype=input_dtype)
     seconds_clean = time.perf_counter() - t0
     n_total = len(clean.scores)
     if bar is not None:
@@ -113,23 +108,17 @@ def sweep(model, cfg, folder: str | os.PathLike, conds: list[tuple[str, int]], *
     model.eval()
     try:
         with torch.no_grad():
-            it = iter(dl)
-            while True:
-                try:
-                    msg = next(it)
-                except StopIteration:
-                    break
-                except DataError as e:
-                    raise _unwrap(e) from None
-                label = msg["label"]
-                for c, x in _condition_batches(msg, conds, cfg.model.input_size, seed, device):
-                    x = normalize_uint8(x.to(device, non_blocking=True))
-                    if input_dtype is not None:
-                        x = x.to(input_dtype)
-                    scores = torch.sigmoid(model(x).float())
-                    accs[c].update(scores.cpu(), label, list(msg["key"]))
-                    if bar is not None:
-                        bar.update(len(label) / max(1, mine[c]))
+            with contextlib.closing(worker_batches(dl)) as batches:
+                for msg in batches:
+                    label = msg["label"]
+                    for c, x in _condition_batches(msg, conds, cfg.model.input_size, seed, device):
+                        x = normalize_uint8(x.to(device, non_blocking=True))
+                        if input_dtype is not None:
+                            x = x.to(input_dtype)
+                        scores = torch.sigmoid(model(x).float())
+                        accs[c].update(scores.cpu(), label, list(msg["key"]))
+                        if bar is not None:
+                            bar.update(len(label) / max(1, mine[c]))
     finally:
         model.train(was_training)
     distorted = {}

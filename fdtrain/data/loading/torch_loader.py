@@ -20,6 +20,7 @@ each worker drops the raw samples of its batches already consumed before decodin
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -316,22 +317,30 @@ class TorchLoader(Loader):
         dl = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.pin,
                         prefetch_factor=d.prefetch if workers else None, generator=g,
                         worker_init_fn=_ignore_stop_signals if workers else None)
-        it = iter(dl)
-        try:
-            while True:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    return
-                except DataError as e:
-                    raise _unwrap(e) from None
+        with contextlib.closing(worker_batches(dl)) as batches:
+            for batch in batches:
                 for shard, key, reason in batch.pop("skipped"):
                     self._record_skip(key, shard, reason)
                 yield batch
-        finally:
-            shutdown = getattr(it, "_shutdown_workers", None)  # endless training streams: stop the workers now
-            if shutdown is not None:
-                shutdown()
+
+
+def worker_batches(dl: DataLoader) -> Iterator[Any]:
+    """``dl``'s batches, a worker's DataError re-raised as its own one-line message, and the workers
+    stopped as soon as the caller stops (an endless training stream would otherwise keep them)."""
+    it = iter(dl)
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as e:
+                raise _unwrap(e) from None
+            yield batch
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _unwrap(e: DataError) -> DataError:
