@@ -5,13 +5,9 @@
 #
 #   launch/exact_vs_fast.sh [--seeds 1,2,3] [--jobs N] [--threads T] [--only a,b] [--out DIR] [--dry-run]
 #
-# Conditions (each one switch away from the demo, so each row answers one question):
-#   demo          the demo as it is: forward fused, recon_reduction paired, error_encoder separate
-#   two_pass      --model.forward=two_pass            (the released step's two passes)
-#   released      --loss.recon_reduction=released     (the released reconstruction reduction)
-#   shared        --model.error_encoder=shared        (the release's error encoder)
-#   shared_conv   --model.error_encoder=shared_conv   (its convolutions, BatchNorm of its own)
-#   paper_step    two_pass + released + shared        (everything as the paper recipes; from scratch)
+# Conditions: the recipes in recipes/exact_vs_fast/, each recipes/demo.yaml with one switch changed
+# (so each row answers one question): demo (as it is: fused, paired, separate), two_pass, released,
+# shared, shared_conv, and paper_step (two_pass + released + shared: the paper recipes' step).
 # Each run goes to DIR/seed-S/evf-<condition> (default DIR runs/exact_vs_fast); DIR/walls.tsv gets
 # one line per run (condition, seed, exit status, wall seconds, load average); DIR/report.md the table.
 # Finished runs (metrics.json present) are skipped, so the same command resumes a grid cut short.
@@ -36,38 +32,30 @@ while (($#)); do
     esac
 done
 
-declare -A OVERRIDES=(
-    [demo]=""
-    [two_pass]="--model.forward=two_pass"
-    [released]="--loss.recon_reduction=released"
-    [shared]="--model.error_encoder=shared"
-    [shared_conv]="--model.error_encoder=shared_conv"
-    [paper_step]="--model.forward=two_pass --loss.recon_reduction=released --model.error_encoder=shared"
-)
+RECIPES=$REPO/recipes/exact_vs_fast
 ORDER=(demo two_pass released shared shared_conv paper_step)
 conds=("${ORDER[@]}")
 if [[ -n $only ]]; then
     IFS=, read -ra conds <<<"$only"
     for c in "${conds[@]}"; do
-        [[ -v OVERRIDES[$c] ]] || { echo "exact_vs_fast.sh: --only: unknown condition '$c' (one of: ${ORDER[*]})" >&2; exit 2; }
+        [[ -f $RECIPES/$c.yaml ]] || { echo "exact_vs_fast.sh: --only: unknown condition '$c' (one of: ${ORDER[*]})" >&2; exit 2; }
     done
 fi
 IFS=, read -ra seed_list <<<"$seeds"
 
-# one line per run: "<condition> <seed> <overrides...>", seeds outermost so that every condition
-# has its first seed before any has its third (a grid cut short still compares all conditions)
+# one line per run: "<condition> <seed>", seeds outermost so that every condition has its first
+# seed before any has its third (a grid cut short still compares all conditions)
 plan=()
 for s in "${seed_list[@]}"; do
     for c in "${conds[@]}"; do
-        plan+=("$c $s ${OVERRIDES[$c]}")
+        plan+=("$c $s")
     done
 done
 
-one_run() {  # condition seed overrides...
+one_run() {  # condition seed
     local c=$1 s=$2
-    shift 2
-    local cmd=("$PYTHON" -m fdtrain train "$REPO/recipes/demo.yaml" "--run.seed=$s" "--run.name=evf-$c"
-               "--run.out_dir=$out/seed-$s" "--logging.progress=plain" "$@")
+    local cmd=("$PYTHON" -m fdtrain train "$RECIPES/$c.yaml" "--run.seed=$s" "--run.out_dir=$out/seed-$s"
+               "--logging.progress=plain")
     if ((dry)); then
         echo "${cmd[*]}"
         return 0
@@ -89,12 +77,12 @@ one_run() {  # condition seed overrides...
     echo "exact_vs_fast: $c seed $s: exit $rc, $(($(date +%s) - t0)) s" >&2
 }
 export -f one_run
-export PYTHON REPO out dry threads
+export PYTHON RECIPES out dry threads
 
 printf '%s\n' "${plan[@]}" | xargs -P "$jobs" -I{} bash -c 'one_run {}'
 ((dry)) && exit 0
 
-mapfile -t done_runs < <(ls -d "$out"/seed-*/evf-*/ 2>/dev/null | while read -r d; do [[ -f $d/metrics.json ]] && echo "$d"; done)
+mapfile -t done_runs < <(find "$out" -mindepth 3 -maxdepth 3 -path "$out/seed-*/evf-*/metrics.json" -printf '%h\n' | sort)
 if ((${#done_runs[@]} == 0)); then
     echo "exact_vs_fast.sh: no finished run under $out" >&2
     exit 1

@@ -1,4 +1,4 @@
-"""launch/exact_vs_fast.sh (README "Exact vs fast"): its grid is what the README says it is."""
+"""launch/exact_vs_fast.sh and recipes/exact_vs_fast/ (README "Exact vs fast"): the grid is what the README says."""
 import shlex
 import subprocess
 from pathlib import Path
@@ -32,15 +32,23 @@ def test_dry_run_lists_every_condition_and_seed_seeds_outermost():
     seen = []
     for line in out:
         argv = shlex.split(line)
-        assert argv[1:4] == ["-m", "fdtrain", "train"] and argv[4].endswith("recipes/demo.yaml")
+        assert argv[1:4] == ["-m", "fdtrain", "train"] and "/recipes/exact_vs_fast/" in argv[4]
         overrides = argv[5:]
         cfg = resolve(argv[4], overrides)
         cond = cfg.run.name.removeprefix("evf-")
+        assert argv[4].endswith(f"/{cond}.yaml") and overrides == [
+            f"--run.seed={cfg.run.seed}", f"--run.out_dir=runs/x/seed-{cfg.run.seed}", "--logging.progress=plain"]
         seen.append((cfg.run.seed, cond))
         assert cfg.run.out_dir == f"runs/x/seed-{cfg.run.seed}"
         for key in watched:
             assert _get(cfg, key) == CHANGES[cond].get(key, _get(demo, key)), (cond, key)
     assert seen == [(s, c) for s in (1, 2) for c in CHANGES]
+    # and nothing else differs from the demo
+    for cond, changes in CHANGES.items():
+        cfg = resolve(REPO / "recipes" / "exact_vs_fast" / f"{cond}.yaml", [])
+        want, got = demo.to_dict(), cfg.to_dict()
+        diff = {f"{sec}.{k}" for sec in got for k in got[sec] if got[sec][k] != want[sec][k]}
+        assert diff == set(changes) | {"run.name"}, (cond, diff)
 
 
 def test_unknown_condition_is_refused_by_name():
