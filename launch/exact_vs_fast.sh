@@ -11,8 +11,8 @@
 # Each run goes to DIR/seed-S/evf-<condition> (default DIR runs/exact_vs_fast); DIR/walls.tsv gets
 # one line per run (condition, seed, exit status, wall seconds, load average); DIR/report.md the table.
 # Finished runs (metrics.json present) are skipped, so the same command resumes a grid cut short.
-# Cost: one demo run is ~17 CPU-minutes fused, ~21 two_pass (1 thread each, 2 runs side by side on 2
-# cores: ~6 h for the whole grid at 3 seeds); on a GPU node a few minutes per run. The shards must
+# Cost: one demo run is ~17 CPU-minutes fused, ~20 two_pass (1 thread): the grid at 3 seeds is ~5.5
+# CPU-hours, ~3 h on an idle 2-core machine with --jobs 2 --threads 1. The shards must
 # exist (`make demo` makes them: shards/demo). PYTHON (default python3) runs fdtrain.
 set -euo pipefail
 
