@@ -27,7 +27,7 @@ while (($#)); do
         --only) only=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --dry-run) dry=1; shift ;;
-        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "exact_vs_fast.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
