@@ -65,21 +65,22 @@ class FakeDifferLoss:
         picked = torch.where(mask, values, torch.zeros_like(values))
         return picked.sum() / mask.sum().clamp(min=1)
 
-    def reconstruction(self, recon: Optional[Tensor], x: Tensor, mask: Tensor) -> Tensor:
+    def reconstruction(self, recon: Optional[Tensor], x: Tensor, mask: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        """One class's term: ``mask`` (B,) its rows; ``idx`` the same rows as indices (from
+        ``class_rows``; found with ``nonzero`` when None, which ``released`` needs)."""
         if recon is None:
             return x.new_zeros((), dtype=_wide(x).dtype)
         if self.recon_reduction == "released":
-            return self._released(recon, x, mask)
+            return self._released(recon, x, mask.nonzero().squeeze(1) if idx is None else idx)
         return self._masked_mean(self._distance(recon, x), mask)  # eq. 9 / eq. 10
 
-    def _released(self, recon: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+    def _released(self, recon: Tensor, x: Tensor, idx: Tensor) -> Tensor:
         """sum_{i in class} mean_{j in class, pixels} d(recon_i, x_j), in O(n) memory per pixel.
 
         The direct broadcast holds n^2 images (16 reals at 299 px: 275 MB, twice for backward);
         here both distances reduce to per-pixel sums over the class's sorted targets.
         """
-        idx = mask.nonzero().squeeze(1)  # (n,)
-        n = idx.numel()
+        n = idx.numel()  # idx (n,): the class's rows
         if n == 0:
             return x.new_zeros((), dtype=_wide(x).dtype)
         r = _wide(recon.index_select(0, idx)).flatten(1).T  # (P,n) pixel-major: one row per pixel
@@ -95,13 +96,15 @@ class FakeDifferLoss:
             per = r * (2 * k - n) + cum[:, -1:] - 2 * cum.gather(1, k)  # (P,n)
         return per.sum() / (n * r.shape[0])  # each reconstruction: mean over n targets x P pixels; summed
 
-    def __call__(self, out, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def __call__(self, out, x: Tensor, labels: Tensor, rows: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+        """``rows``: ``data.augment.class_rows(labels)`` made on the host (no device sync), or None."""
         y = labels.reshape(-1).float()  # (B,)
         is_real = y < 0.5  # (B,)
         cls = F.binary_cross_entropy_with_logits(_wide(out.logit.reshape(-1)), y.to(_wide(out.logit).dtype))  # eq. 11
         if self.flooding > 0:
             cls = (cls - self.flooding).abs() + self.flooding
-        rec_real = self.reconstruction(out.recon_real, x, is_real)  # eq. 9, real rows only
-        rec_fake = self.reconstruction(out.recon_fake, x, ~is_real)  # eq. 10, fake rows only
+        rows = rows or {}
+        rec_real = self.reconstruction(out.recon_real, x, is_real, rows.get("real"))  # eq. 9, real rows only
+        rec_fake = self.reconstruction(out.recon_fake, x, ~is_real, rows.get("fake"))  # eq. 10, fake rows only
         total = cls + self.lambda_r * rec_real + self.lambda_f * rec_fake  # eq. 12
         return dict(zip(LOSS_TERMS, (total, cls, rec_real, rec_fake)))

@@ -37,7 +37,9 @@ def test_two_pass_batches_carry_a_second_independent_noisy_view(shards):
     assert (one.model.noisy_views, two.model.noisy_views) == (1, 2)
     a, b, again = _batches(one), _batches(two), _batches(two)
     for ba, bb, bc in zip(a, b, again):
-        assert "x_noisy2" not in ba and set(bb) == {"x", "x_noisy", "x_noisy2", "label", "key"}
+        assert "x_noisy2" not in ba and set(bb) == {"x", "x_noisy", "x_noisy2", "label", "rows", "key"}
+        for which, want in (("real", bb["label"] < 0.5), ("fake", bb["label"] >= 0.5)):  # made on the host
+            assert bb["rows"][which].tolist() == want.nonzero().squeeze(1).tolist()
         torch.testing.assert_close(bb["x_noisy"], ba["x_noisy"], rtol=0, atol=0)  # the first view is unchanged
         n1, n2 = bb["x_noisy"] - bb["x"], bb["x_noisy2"] - bb["x"]
         assert n1.abs().mean() > 0.05 and n2.abs().mean() > 0.05  # both noisy (p = 1)...
@@ -75,10 +77,10 @@ def test_each_pass_encodes_its_own_view_with_its_own_dropout():
 # ---------------------------------------------------------------------------------------------
 # fused_exact vs two_pass: train mode (BN batch statistics), float64
 # ---------------------------------------------------------------------------------------------
-def _step(model, x, x_noisy, y, loss_fn):
+def _step(model, x, x_noisy, y, loss_fn, rows=None):
     """One training step's loss terms, parameter gradients and BN buffers afterwards."""
     model.zero_grad(set_to_none=True)
-    losses = loss_fn(model(x, x_noisy, y, x_noisy2=x_noisy), x, y)  # the same draw in both passes
+    losses = loss_fn(model(x, x_noisy, y, x_noisy2=x_noisy, rows=rows), x, y, rows=rows)  # one draw, both passes
     losses["total"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return ({k: v.detach() for k, v in losses.items()}, grads,
@@ -142,3 +144,20 @@ def test_fused_exact_equals_two_pass_in_train_mode(over, labels, reduction):
     assert not torch.allclose(gf["decoders.real.to_rgb.0.weight"], g2["decoders.real.to_rgb.0.weight"], rtol=1e-6)
     assert bf["encoder.bn1.num_batches_tracked"].item() == 3
     assert not torch.allclose(bf["decoders.real.body.0.bn.running_var"], b2["decoders.real.body.0.bn.running_var"])
+
+
+def test_the_paper_step_with_the_loaders_class_rows_is_the_step_without():
+    """two_pass + released given the loader's host-made class rows (no nonzero on the device) is
+    the step that finds the rows itself: bitwise the same losses, gradients and BN buffers."""
+    import copy
+
+    from fdtrain.data.augment import class_rows
+
+    two, x, x_noisy, y, loss_fn = _pair(*CASES[0])  # two_pass, released, 2 reals and 3 fakes
+    again = copy.deepcopy(two)
+    l1, g1, b1 = _step(two, x, x_noisy, y, loss_fn)
+    l2, g2, b2 = _step(again, x, x_noisy, y, loss_fn, rows=class_rows(y))
+    for got, want in ((l2, l1), (g2, g1), (b2, b1)):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k

@@ -19,7 +19,8 @@ from tests import _engine_utils as U
 pytestmark = pytest.mark.slow
 
 # What reads a tensor's value back to the host (on a GPU: a device sync).
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+# nonzero: its output size is a value, so it waits for the device too.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,22 @@ def test_train_step_reads_nothing_back_and_the_boundary_reads_once_per_logging_p
     stats = trainer.last_train_stats
     assert stats["images_per_sec"] > 0 and 0 <= stats["data_wait_share"] < 1
     assert stats["loss/total"] == pytest.approx(stats["loss/total"]) and stats["nonfinite_skipped"] == 0
+
+
+def test_the_paper_step_reads_nothing_back_either(data, tmp_path, monkeypatch):
+    """The paper recipes' step (two_pass, released reduction) splits each batch by class: with the
+    loader's host-made class rows, neither the decoder pass nor the loss calls nonzero."""
+    trainer = _trainer(data, tmp_path, "paper", **{"train.max_steps": 6, "logging.every_steps": 3,
+                                                    "model.forward": "two_pass", "loss.recon_reduction": "released"})
+    counter = _HostReadCounter(monkeypatch, trainer)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        monkeypatch.undo()
+        _finish(trainer)
+    assert trainer.step == 6
+    assert counter.counts.get("train_step", 0) == 0, counter.counts
+    assert counter.reads_at == [1, 3, 6], counter.reads_at
 
 
 def _state(trainer) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ def test_train_flip_rate_and_gated_noise_eval_clean(data, backend):
     for epoch in range(3):
         loader.set_epoch(epoch)
         for step, b in enumerate(loader):
-            assert set(b) == {"x", "x_noisy", "label", "key"}
+            assert set(b) == {"x", "x_noisy", "label", "rows", "key"}
             # both backends hand X to the one shared noise function, seeded per (seed, epoch, rank, step)
             again = augment.add_gated_noise(b["x"], 0.5, 0.1, loader.noise_generator(epoch, step))
             assert torch.equal(again, b["x_noisy"])

@@ -61,6 +61,7 @@ def _build(name: str, size: int, channels_last: bool):
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from fdtrain.data.augment import class_rows
     from fdtrain.losses import FakeDifferLoss
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -87,7 +88,8 @@ def run_bench(args: argparse.Namespace) -> int:
     b, s = args.batch_size, args.size
     x = torch.rand(b, 3, s, s, device=device) * 2 - 1
     x_noisy = (x + 1e-3 * torch.randn_like(x)).clamp(-1, 1)
-    labels = (torch.arange(b, device=device) % 2).float()  # half real, half fake
+    labels_host = (torch.arange(b) % 2).float()  # half real, half fake
+    labels, rows = labels_host.to(device), class_rows(labels_host, device)  # rows as the loader makes them
     loss_fn = FakeDifferLoss()
     channels_last = args.memory_format == "channels_last"
     models = {n: _build(n, s, channels_last).to(device).train() for n in names}
@@ -101,8 +103,8 @@ def run_bench(args: argparse.Namespace) -> int:
         _sync(device)
         c0, t0 = time.process_time(), time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x, x_noisy, labels)
-            loss = loss_fn(out, x, labels)["total"]
+            out = model(x, x_noisy, labels, rows=rows)
+            loss = loss_fn(out, x, labels, rows=rows)["total"]
         loss.backward()
         _sync(device)
         return time.perf_counter() - t0, time.process_time() - c0

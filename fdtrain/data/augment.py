@@ -3,6 +3,7 @@
 ``normalize_uint8``: pixels ``(v / 255 - 0.5) / 0.5`` (what DALI's crop_mirror_normalize computes
 with mean = std = 127.5, and what serving's preprocessing does). ``add_gated_noise``: the noisy
 view X~ of model.md "Input". ``BufferPool``: the CPU batch buffers both write into.
+``class_rows``: a training batch's row indices per class, made from the host's labels.
 """
 from __future__ import annotations
 
@@ -100,3 +101,18 @@ def add_gated_noise(x: torch.Tensor, p: float, std: float, generator: torch.Gene
         np.add(a, src[i], out=dst[i])
         np.clip(dst[i], -1.0, 1.0, out=dst[i])
     return out
+
+
+def class_rows(labels: torch.Tensor, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """{"real": (n_r,), "fake": (n_f,)} int64 row indices of a batch's classes (label < 0.5 = real).
+
+    Made from the labels where they are read, on the host, then copied to ``device`` without
+    blocking: the sizes are host metadata, so the steps that split a batch by class (two_pass's
+    decoder pass, the released reconstruction reduction) need no ``nonzero`` on the device, which
+    would wait for the GPU to finish the step so far.
+    """
+    is_real = labels.reshape(-1) < 0.5  # (B,)
+    rows = {"real": is_real.nonzero().squeeze(1), "fake": (~is_real).nonzero().squeeze(1)}
+    if device is not None:
+        rows = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
+    return rows

@@ -236,8 +236,9 @@ class Trainer:
             self._bn.save()
         self._micro_in_window += 1
         with self.acc.accumulate(self.model):
-            out = self.model(x, x_noisy, labels=y, x_noisy2=x_noisy2)
-            losses = self.loss_fn(out, x, y)
+            rows = batch.get("rows")  # each class's rows, made on the host: no nonzero on the device
+            out = self.model(x, x_noisy, labels=y, x_noisy2=x_noisy2, rows=rows)
+            losses = self.loss_fn(out, x, y, rows=rows)
             self.window.add(losses, y)
             if self.deepspeed:
                 bad = self._deepspeed_backward(losses["total"])

@@ -28,6 +28,7 @@ from timm.models.xception import Block, SeparableConv2d
 from torch import Tensor
 
 from fdtrain.config import MODEL_SOURCES, ModelConfig
+from fdtrain.data.augment import class_rows
 
 from .backbone import build_parts, create_backbone
 
@@ -219,16 +220,19 @@ class FakeDiffer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                x_noisy2: Optional[Tensor] = None):
+                x_noisy2: Optional[Tensor] = None, rows: Optional[dict[str, Tensor]] = None):
+        """Training (``labels`` given): a FakeDifferOutput. ``rows`` (``data.augment.class_rows``):
+        each class's row indices, made on the host by the loader; without them, two_pass and
+        fused_exact find the rows with ``nonzero`` (a device sync on a GPU). Inference: logits."""
         x = x.contiguous(memory_format=self.memory_format)
         if labels is None:
             return self._forward_inference(x)
         x_noisy = x if x_noisy is None else x_noisy.contiguous(memory_format=self.memory_format)
         if self.forward_mode == "two_pass":
             x_noisy2 = x_noisy if x_noisy2 is None else x_noisy2.contiguous(memory_format=self.memory_format)
-            return self._forward_two_pass(x, x_noisy, labels, x_noisy2)
+            return self._forward_two_pass(x, x_noisy, labels, x_noisy2, rows)
         if self.forward_mode == "fused_exact":
-            return self._forward_fused_exact(x, x_noisy, labels)
+            return self._forward_fused_exact(x, x_noisy, labels, rows)
         return self._forward_fused(x, x_noisy)
 
     def _forward_inference(self, x: Tensor) -> Tensor:
@@ -261,16 +265,18 @@ class FakeDiffer(nn.Module):
         logit, w = self.classify(m, errs)  # (B,), (B,S,728) eqs. 6-8 + head
         return FakeDifferOutput(logit, r_real, r_fake, errs.get("real"), errs.get("fake"), w)
 
-    def _forward_two_pass(self, x: Tensor, x_noisy: Tensor, labels: Tensor, x_noisy2: Tensor) -> FakeDifferOutput:
+    def _forward_two_pass(self, x: Tensor, x_noisy: Tensor, labels: Tensor, x_noisy2: Tensor,
+                          rows: Optional[dict[str, Tensor]] = None) -> FakeDifferOutput:
         """The released code's step: a reconstruction pass with M split by label (each decoder
         sees only its own class, so its BN statistics too), then a full pass for classification.
         Each pass has its own noisy view and its own dropout masks, as in the release."""
         m1 = self.encode(x_noisy)  # (B,728,19,19) pass 1, its own dropout mask
-        r1 = self._reconstruction_pass(m1, labels, tuple(x.shape[-2:]))
+        r1 = self._reconstruction_pass(m1, labels, tuple(x.shape[-2:]), rows)
         out = self._forward_fused(x, x_noisy2)  # pass 2: logits from a fresh encoder pass and X~ draw
         return self._with_reconstructions(out, r1)
 
-    def _forward_fused_exact(self, x: Tensor, x_noisy: Tensor, labels: Tensor) -> FakeDifferOutput:
+    def _forward_fused_exact(self, x: Tensor, x_noisy: Tensor, labels: Tensor,
+                             rows: Optional[dict[str, Tensor]] = None) -> FakeDifferOutput:
         """two_pass with one encoder pass that both passes share (one X~ and dropout draw, not two).
 
         The decoders run as in two_pass (class-split for the losses, then whole-batch for the error
@@ -280,17 +286,18 @@ class FakeDiffer(nn.Module):
         """
         with _as_two_bn_updates(self.encoder):
             m = self.encode(x_noisy)  # (B,728,19,19)
-        r1 = self._reconstruction_pass(m, labels, tuple(x.shape[-2:]))
+        r1 = self._reconstruction_pass(m, labels, tuple(x.shape[-2:]), rows)
         return self._with_reconstructions(self._forward_fused(x, x_noisy, m=m), r1)
 
-    def _reconstruction_pass(self, m: Tensor, labels: Tensor, size: tuple[int, int]) -> dict:
+    def _reconstruction_pass(self, m: Tensor, labels: Tensor, size: tuple[int, int],
+                             rows: Optional[dict[str, Tensor]] = None) -> dict:
         """The released first pass: each decoder on the rows of its own class (dual_recons: all rows)."""
         if self.variant == "dual_recons":
             return {"shared": self.reconstruct("real", m, size)}  # one decoder, every image
-        is_real = labels.reshape(-1) < 0.5  # (B,)
+        rows = class_rows(labels) if rows is None else rows  # on a GPU, without rows: nonzero syncs
         r1 = {}
-        for which, rows in (("real", is_real), ("fake", ~is_real)):
-            idx = rows.nonzero().squeeze(1)  # (n,)
+        for which in ("real", "fake"):
+            idx = rows[which]  # (n,) its size is known on the host
             if idx.numel():
                 r1[which] = (idx, self.reconstruct(which, m[idx], size))  # (n,3,299,299)
         return r1
@@ -355,7 +362,10 @@ class XceptionClassifier(nn.Module):
         self.to(memory_format=self.memory_format)
 
     def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                x_noisy2: Optional[Tensor] = None):
+                x_noisy2: Optional[Tensor] = None, rows: Optional[dict[str, Tensor]] = None):
+        """Training (``labels`` given): a FakeDifferOutput. ``rows`` (``data.augment.class_rows``):
+        each class's row indices, made on the host by the loader; without them, two_pass and
+        fused_exact find the rows with ``nonzero`` (a device sync on a GPU). Inference: logits."""
         x = x.contiguous(memory_format=self.memory_format)
         if x_noisy is not None:
             x_noisy = x_noisy.contiguous(memory_format=self.memory_format)

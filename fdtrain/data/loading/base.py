@@ -5,8 +5,9 @@
 * ``split == "train"``: each epoch reads the shards in an order permuted by (seed, epoch), the
   same on every rank (so the ranks' parts stay disjoint), through a shuffle buffer; shuffle, flips
   (``data.flip_p``) and noise are seeded by (seed, epoch, rank); batches
-  ``{"x", "x_noisy", "label", "key"}`` (plus ``"x_noisy2"``, a second independent draw of X~, when
-  ``model.forward=two_pass``); ``len(loader)`` steps per epoch,
+  ``{"x", "x_noisy", "label", "rows", "key"}`` (plus ``"x_noisy2"``, a second independent draw of
+  X~, when ``model.forward=two_pass``; ``rows``: ``augment.class_rows``, each class's row indices
+  made from the host's labels); ``len(loader)`` steps per epoch,
   ``num_samples // (world_size * batch_size)``, the same on every rank.
 * any other split (``"val"``, a name in ``data.test``, or any folder given as ``path``): read in
   order, no flip, no noise; every sample exactly once across ranks, padding removed, batches
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fdtrain.data.augment import BufferPool, add_gated_noise, normalize_uint8
+from fdtrain.data.augment import BufferPool, add_gated_noise, class_rows, normalize_uint8
 from fdtrain.data.format import DataError, ShardSet
 from fdtrain.data.loading.sampling import Balance, mix_seed
 
@@ -112,6 +113,7 @@ class Loader:
         x = x.to(self.dtype)
         out = {"x": x, "label": raw["label"].to(self.device, non_blocking=True), "key": raw["key"]}
         if self.train:
+            out["rows"] = class_rows(raw["label"], self.device)  # from the host's labels: no device sync
             # model.forward=two_pass runs the encoder twice per step, each on its own draw of X~ (as
             # the released code draws the noise inside each forward): "x_noisy2" is the second.
             views = ("x_noisy", "x_noisy2")[:self.cfg.model.noisy_views]
