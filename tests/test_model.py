@@ -186,6 +186,69 @@ def test_channels_last_is_only_a_layout():
     torch.testing.assert_close(a.recon_fake, b.recon_fake, rtol=1e-4, atol=1e-5)
 
 
+def test_onednn_pointwise_is_the_same_convolution_on_another_kernel():
+    """route_pointwise_to_onednn (train.onednn_pointwise), at one thread and batch 4 where torch runs
+    1x1 convolutions on its im2col path: in float64 (no oneDNN kernel, so the same path) a training
+    step (train mode, BN batch statistics) is bitwise the unrouted one, so dilation 2 on a 1x1 kernel
+    is the same convolution; in float32 every routed convolution runs on oneDNN, and the outputs and
+    losses agree to float rounding (gradients of an untrained net in train mode differ by rounding
+    as much as channels_last vs NCHW do, so they are compared in float64)."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from fdtrain.models import route_pointwise_to_onednn, torch_picks_slow_pointwise
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch_picks_slow_pointwise(4) and not torch_picks_slow_pointwise(16)
+        torch.manual_seed(0)
+        plain = create_model(input_size=64, dropout=0.0, encoder_dropout=0.0, channels_last=False).train()
+        routed = copy.deepcopy(plain)
+        assert route_pointwise_to_onednn(routed, 64, min_side=1) == 41 and routed.training  # every 1x1 conv
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+        y = torch.tensor([0.0, 1.0, 1.0, 0.0])
+        loss_fn = FakeDifferLoss()
+
+        def step(m, dtype):
+            m = copy.deepcopy(m).to(dtype)
+            losses = loss_fn(m(x.to(dtype), x.to(dtype), y.to(dtype)), x.to(dtype), y.to(dtype))
+            losses["total"].backward()
+            return losses, {k: p.grad for k, p in m.named_parameters()}, dict(m.named_buffers())
+
+        a, b = step(plain, torch.float64), step(routed, torch.float64)
+        for got, want in zip(b, a):
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        ops = {}
+        for name, m in (("plain", plain), ("routed", routed)):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                ops[name] = step(m, torch.float32)[0]
+            ops[name + "_ops"] = {e.key for e in prof.key_averages()}
+        assert "aten::_slow_conv2d_forward" in ops["plain_ops"]  # torch's own choice for these convs
+        assert "aten::_slow_conv2d_forward" not in ops["routed_ops"]  # all of them moved to oneDNN
+        for k, want in ops["plain"].items():
+            torch.testing.assert_close(ops["routed"][k], want, rtol=1e-5, atol=1e-6, msg=k)
+        plain.eval(), routed.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(routed(x), plain(x), rtol=1e-4, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("over,size,want", [({"variant": "xception"}, 299, 4), ({}, 299, 16), ({}, 96, 0)])
+def test_onednn_pointwise_moves_the_high_resolution_convs_only(over, size, want):
+    """64 px and more on a side: at 299 px the entry flow's first two blocks (and the decoders'
+    last two stages); at the demo's 96 px none."""
+    from fdtrain.models import route_pointwise_to_onednn
+
+    m = create_model(input_size=size, **over)
+    assert route_pointwise_to_onednn(m, size) == want
+    moved = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.dilation == (2, 2)]
+    assert len(moved) == want and all(c.kernel_size == (1, 1) for c in moved)
+
+
 def test_interaction_modes():
     torch.manual_seed(0)
     feats = [torch.randn(2, 8, 3, 3) for _ in range(3)]

@@ -37,6 +37,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
                    help="model.channels_last for every model (inputs arrive NCHW, as from the loaders)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--no-onednn-pointwise", dest="onednn_pointwise", action="store_false",
+                   help="CPU, 1 thread, batch < 16: leave the 1x1 convolutions on torch's im2col path "
+                        "(by default they run on oneDNN, as train.onednn_pointwise does in training)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each model first (compile time goes into the warmup steps)")
     p.add_argument("--seed", type=int, default=0)
@@ -63,6 +66,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from fdtrain.data.augment import class_rows
     from fdtrain.losses import FakeDifferLoss
+    from fdtrain.models import route_pointwise_to_onednn, torch_picks_slow_pointwise
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = [n for n in names if n not in VARIANTS]
@@ -93,6 +97,9 @@ def run_bench(args: argparse.Namespace) -> int:
     loss_fn = FakeDifferLoss()
     channels_last = args.memory_format == "channels_last"
     models = {n: _build(n, s, channels_last).to(device).train() for n in names}
+    routed = 0
+    if device.type == "cpu" and args.onednn_pointwise and torch_picks_slow_pointwise(b):  # as the trainer does
+        routed = sum(route_pointwise_to_onednn(m, s) for m in models.values())
     if args.compile:
         models = {n: torch.compile(m) for n, m in models.items()}
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
@@ -149,7 +156,8 @@ def run_bench(args: argparse.Namespace) -> int:
     result = {
         "bench": "model", "device": device_name, "precision": args.precision, "batch_size": b, "size": s,
         "steps": args.steps, "warmup": args.warmup, "memory_format": args.memory_format,
-        "compiled": bool(args.compile), "torch": torch.__version__, "results": results, "time_ratios": ratios,
+        "compiled": bool(args.compile), "onednn_pointwise_convs": routed, "torch": torch.__version__,
+        "results": results, "time_ratios": ratios,
     }
     if device.type == "cpu":
         result["cpu_time_ratios"] = cpu_ratios
@@ -157,7 +165,8 @@ def run_bench(args: argparse.Namespace) -> int:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30  # all models together
 
     print(f"fdtrain bench model: forward+backward, batch {b}, {s}x{s}, {args.precision}, {args.memory_format}"
-          f"{', compiled' if args.compile else ''}, {device_name}, median of {args.steps} steps")
+          f"{', compiled' if args.compile else ''}{f', {routed} 1x1 convs on oneDNN' if routed else ''}, "
+          f"{device_name}, median of {args.steps} steps")
     on_cpu = device.type == "cpu"
     print(f"{'model':<12} {'params':>8} {'step ms':>10} {'images/s':>10} {'time vs xception':>17}"
           + (f" {'cpu ms':>10} {'cpu vs xception':>16}" if on_cpu else ""))

@@ -74,7 +74,7 @@ class Trainer:
 
         from fdtrain.data import build_loader
         from fdtrain.losses import FakeDifferLoss
-        from fdtrain.models import create_model_from_config
+        from fdtrain.models import create_model_from_config, route_pointwise_to_onednn, torch_picks_slow_pointwise
 
         self.cfg = cfg
         self.acc = acc = build_accelerator(cfg)
@@ -95,6 +95,11 @@ class Trainer:
             cfg.model.channels_last = False
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model_from_config(cfg.model)
+        if acc.device.type == "cpu" and cfg.train.onednn_pointwise and torch_picks_slow_pointwise(cfg.data.batch_size):
+            moved = route_pointwise_to_onednn(model, cfg.model.input_size)
+            if moved:
+                log.info("CPU, 1 thread: %d 1x1 convolutions (64 px and more) run on oneDNN "
+                         "(train.onednn_pointwise)", moved)
         self.loss_fn = FakeDifferLoss(cfg.loss)
         self.loader = build_loader(cfg, "train", rank=acc.process_index, world_size=acc.num_processes,
                                    device=acc.device)

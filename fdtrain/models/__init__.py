@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from fdtrain.config import ModelConfig
@@ -17,7 +18,7 @@ from fdtrain.config import ModelConfig
 from .fakediffer import SOURCES, FakeDiffer, FakeDifferOutput, XceptionClassifier
 
 __all__ = ["create_model", "create_model_from_config", "FakeDiffer", "FakeDifferOutput", "XceptionClassifier",
-           "MODELS", "SOURCES"]
+           "MODELS", "SOURCES", "route_pointwise_to_onednn", "torch_picks_slow_pointwise"]
 
 
 def _fakediffer(cfg: ModelConfig) -> nn.Module:
@@ -45,3 +46,45 @@ def create_model_from_config(model_cfg: ModelConfig) -> nn.Module:
         raise ValueError(f"model.name: unknown model '{model_cfg.name}'; registered: {sorted(MODELS)}")
     model_cfg.validate()
     return MODELS[model_cfg.name](model_cfg)
+
+
+def torch_picks_slow_pointwise(batch_size: int) -> bool:
+    """Whether torch runs a CPU float32 1x1 stride-1 convolution on its im2col + GEMM path
+    (``aten::_slow_conv2d``) rather than oneDNN: on one intra-op thread, below a batch of 16
+    (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp)."""
+    return torch.get_num_threads() == 1 and batch_size < 16
+
+
+def route_pointwise_to_onednn(model: nn.Module, input_size: int, min_side: int = 64) -> int:
+    """Run ``model``'s 1x1 stride-1 convolutions on inputs of ``min_side`` px or more through oneDNN.
+
+    For the case ``torch_picks_slow_pointwise`` names, torch's im2col path measured up to ~2x slower
+    than oneDNN on the 1x1 convolutions of the entry flow and the decoders at 147 and 74 px (and
+    faster at 37 and 19 px, so those stay). A 1x1 kernel with dilation 2 is the same convolution
+    (no tap moves), and torch hands dilated convolutions to oneDNN: that is all this sets. The
+    weights, the state dict and the math are unchanged (another kernel: float rounding may differ);
+    for CPU training only (the trainer and ``bench model`` call it there; on CUDA nothing does).
+    The input sizes come from one batch-1 forward in eval mode without gradients (no BN statistic
+    moves), through the training path where the model has one. Returns how many convolutions moved.
+    """
+    if input_size < min_side:  # every convolution's input is smaller than the image: nothing to move
+        return 0
+    sides: dict[nn.Module, int] = {}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+             and m.stride == (1, 1) and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: sides.__setitem__(mod, args[0].shape[-1])) for m in convs]
+    was_training = model.training
+    p = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype)
+            model(x, x, labels=torch.zeros(1, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    moved = [m for m in convs if sides.get(m, 0) >= min_side]
+    for m in moved:
+        m.dilation = (2, 2)
+    return len(moved)

@@ -363,9 +363,8 @@ class XceptionClassifier(nn.Module):
 
     def forward(self, x: Tensor, x_noisy: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 x_noisy2: Optional[Tensor] = None, rows: Optional[dict[str, Tensor]] = None):
-        """Training (``labels`` given): a FakeDifferOutput. ``rows`` (``data.augment.class_rows``):
-        each class's row indices, made on the host by the loader; without them, two_pass and
-        fused_exact find the rows with ``nonzero`` (a device sync on a GPU). Inference: logits."""
+        """Training (``labels`` given): a FakeDifferOutput with the logit only (``x_noisy2`` and
+        ``rows`` are accepted for the same call and unused: no second pass, no class split). Inference: logits."""
         x = x.contiguous(memory_format=self.memory_format)
         if x_noisy is not None:
             x_noisy = x_noisy.contiguous(memory_format=self.memory_format)
