@@ -27,7 +27,7 @@ lint: venv
 # The whole suite: lint, then every test a CPU can run (multi-process, DeepSpeed and SLURM included).
 test: venv
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=900
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=900 --durations=25
 
 # The main job on the embedded default: synthetic benchmark -> shards -> train (recipes/demo.yaml,
 # CPU when there is no GPU) -> evaluate in-domain and on the held-out manipulation. Starts fresh.
