@@ -12,9 +12,9 @@
 #                    channels_last vs contiguous, eager vs torch.compile
 #   train_torch      `fdtrain bench train` on generated shards, torch fallback loader: compute-only vs
 #                    end-to-end images/s, data-wait share, peak memory
-#   sync_audit       5 training steps under torch.cuda.set_sync_debug_mode("warn") (default step: none
-#                    allowed in train_step); sync_audit_paper: the same for the paper's two_pass/released
-#                    step, counted only (its class split uses nonzero: data-dependent shapes)
+#   sync_audit       5 training steps under torch.cuda.set_sync_debug_mode("warn"): none allowed in
+#                    train_step; sync_audit_paper: the same for the paper's two_pass/released step (its
+#                    class split takes the loader's host-made class rows)
 #   fp16_nonfinite   the GPU tests of tests/test_hot_path.py (fp16 with Accelerate's grad scaler)
 #   decode           DALI mixed when DALI imports, else torchvision.io.decode_jpeg on CUDA (reason printed)
 #
@@ -208,7 +208,7 @@ main() {
     local audit=(sync-audit "${gc[@]:3}" --size 128 --batch-size 16)  # syncs do not depend on the size
     stage_enabled sync_audit && run_stage sync_audit 180 "${gc[@]:0:3}" "${audit[@]}"
     stage_enabled sync_audit_paper && run_stage sync_audit_paper 180 "${gc[@]:0:3}" "${audit[@]}" \
-        --forward two_pass --recon-reduction released --report-only
+        --forward two_pass --recon-reduction released
     if ((dry)); then
         stage_enabled fp16_nonfinite && run_stage fp16_nonfinite 10 "${skip_gpu[@]}"
     else
