@@ -6,13 +6,13 @@
 #   launch/exact_vs_fast.sh [--seeds 1,2,3] [--jobs N] [--threads T] [--only a,b] [--out DIR] [--dry-run]
 #
 # Conditions: the recipes in recipes/exact_vs_fast/, each recipes/demo.yaml with one switch changed
-# (so each row answers one question): demo (as it is: fused, paired, separate), two_pass, released,
-# shared, shared_conv, and paper_step (two_pass + released + shared: the paper recipes' step).
+# (so each row answers one question): demo (as it is: fused, paired, shared_conv), two_pass, released,
+# shared, separate, and paper_step (two_pass + released + shared: the paper recipes' step).
 # Each run goes to DIR/seed-S/evf-<condition> (default DIR runs/exact_vs_fast); DIR/walls.tsv gets
 # one line per run (condition, seed, exit status, wall seconds, load average); DIR/report.md the table.
 # Finished runs (metrics.json present) are skipped, so the same command resumes a grid cut short.
-# Cost: one demo run is ~17 CPU-minutes fused, ~20 two_pass (1 thread): the grid at 3 seeds is ~5.5
-# CPU-hours, ~3 h on an idle 2-core machine with --jobs 2 --threads 1. The shards must
+# Cost: one demo run is ~17-20 CPU-minutes fused, more two_pass (1 thread): 9 fused runs with
+# --jobs 2 --threads 1 took 1.6 h on a 2-core machine (18-24 min each, two side by side). The shards must
 # exist (`make demo` makes them: shards/demo). PYTHON (default python3) runs fdtrain.
 set -euo pipefail
 
@@ -33,7 +33,7 @@ while (($#)); do
 done
 
 RECIPES=$REPO/recipes/exact_vs_fast
-ORDER=(demo two_pass released shared shared_conv paper_step)
+ORDER=(demo two_pass released shared separate paper_step)
 conds=("${ORDER[@]}")
 if [[ -n $only ]]; then
     IFS=, read -ra conds <<<"$only"

@@ -13,7 +13,7 @@ CHANGES = {
     "two_pass": {"model.forward": "two_pass"},
     "released": {"loss.recon_reduction": "released"},
     "shared": {"model.error_encoder": "shared"},
-    "shared_conv": {"model.error_encoder": "shared_conv"},
+    "separate": {"model.error_encoder": "separate"},
     "paper_step": {"model.forward": "two_pass", "loss.recon_reduction": "released", "model.error_encoder": "shared"},
 }
 
