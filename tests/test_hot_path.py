@@ -75,17 +75,23 @@ class _HostReadCounter:
             monkeypatch.setattr(trainer, method, section)
 
 
-def test_train_step_reads_nothing_back_and_the_boundary_reads_once_per_logging_point(data, tmp_path, monkeypatch):
-    """40 steps logged every 20 (32 batches per epoch): no host read inside train_step; one read at
-    each step that needs the device's values (first log, logs, the epoch-end checkpoint, the end)."""
-    trainer = _trainer(data, tmp_path, "count", **{"train.max_steps": 40, "logging.every_steps": 20,
-                                                    "train.grad_accum": 1})
+def _fit_counting_reads(trainer, monkeypatch) -> _HostReadCounter:
+    """Run ``trainer`` to the end with its host reads counted; the patches and the trainer are undone."""
     counter = _HostReadCounter(monkeypatch, trainer)
     try:
         assert trainer.fit() == 0
     finally:
         monkeypatch.undo()
         _finish(trainer)
+    return counter
+
+
+def test_train_step_reads_nothing_back_and_the_boundary_reads_once_per_logging_point(data, tmp_path, monkeypatch):
+    """40 steps logged every 20 (32 batches per epoch): no host read inside train_step; one read at
+    each step that needs the device's values (first log, logs, the epoch-end checkpoint, the end)."""
+    trainer = _trainer(data, tmp_path, "count", **{"train.max_steps": 40, "logging.every_steps": 20,
+                                                    "train.grad_accum": 1})
+    counter = _fit_counting_reads(trainer, monkeypatch)
     assert trainer.step == 40
     assert counter.counts.get("train_step", 0) == 0, counter.counts
     assert counter.reads_at == [1, 20, 32, 40], counter.reads_at  # 32: epoch end (checkpoint)
@@ -100,12 +106,7 @@ def test_the_paper_step_reads_nothing_back_either(data, tmp_path, monkeypatch):
     loader's host-made class rows, neither the decoder pass nor the loss calls nonzero."""
     trainer = _trainer(data, tmp_path, "paper", **{"train.max_steps": 6, "logging.every_steps": 3,
                                                     "model.forward": "two_pass", "loss.recon_reduction": "released"})
-    counter = _HostReadCounter(monkeypatch, trainer)
-    try:
-        assert trainer.fit() == 0
-    finally:
-        monkeypatch.undo()
-        _finish(trainer)
+    counter = _fit_counting_reads(trainer, monkeypatch)
     assert trainer.step == 6
     assert counter.counts.get("train_step", 0) == 0, counter.counts
     assert counter.reads_at == [1, 3, 6], counter.reads_at
