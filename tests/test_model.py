@@ -202,7 +202,8 @@ def test_onednn_pointwise_is_the_same_convolution_on_another_kernel():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch_picks_slow_pointwise(4) and not torch_picks_slow_pointwise(16)
+        assert torch_picks_slow_pointwise("cpu", 4) and not torch_picks_slow_pointwise("cpu", 16)
+        assert not torch_picks_slow_pointwise("cuda", 4)
         torch.manual_seed(0)
         plain = create_model(input_size=64, dropout=0.0, encoder_dropout=0.0, channels_last=False).train()
         routed = copy.deepcopy(plain)

@@ -98,7 +98,7 @@ def run_bench(args: argparse.Namespace) -> int:
     channels_last = args.memory_format == "channels_last"
     models = {n: _build(n, s, channels_last).to(device).train() for n in names}
     routed = 0
-    if device.type == "cpu" and args.onednn_pointwise and torch_picks_slow_pointwise(b):  # as the trainer does
+    if args.onednn_pointwise and torch_picks_slow_pointwise(device, b):  # as the trainer does
         routed = sum(route_pointwise_to_onednn(m, s) for m in models.values())
     if args.compile:
         models = {n: torch.compile(m) for n, m in models.items()}

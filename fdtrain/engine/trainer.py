@@ -95,7 +95,7 @@ class Trainer:
             cfg.model.channels_last = False
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model_from_config(cfg.model)
-        if acc.device.type == "cpu" and cfg.train.onednn_pointwise and torch_picks_slow_pointwise(cfg.data.batch_size):
+        if cfg.train.onednn_pointwise and torch_picks_slow_pointwise(acc.device, cfg.data.batch_size):
             moved = route_pointwise_to_onednn(model, cfg.model.input_size)
             if moved:
                 log.info("CPU, 1 thread: %d 1x1 convolutions (64 px and more) run on oneDNN "

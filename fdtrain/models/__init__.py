@@ -48,11 +48,11 @@ def create_model_from_config(model_cfg: ModelConfig) -> nn.Module:
     return MODELS[model_cfg.name](model_cfg)
 
 
-def torch_picks_slow_pointwise(batch_size: int) -> bool:
-    """Whether torch runs a CPU float32 1x1 stride-1 convolution on its im2col + GEMM path
-    (``aten::_slow_conv2d``) rather than oneDNN: on one intra-op thread, below a batch of 16
-    (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp)."""
-    return torch.get_num_threads() == 1 and batch_size < 16
+def torch_picks_slow_pointwise(device: torch.device | str, batch_size: int) -> bool:
+    """Whether torch runs a float32 1x1 stride-1 convolution on ``device`` on its im2col + GEMM path
+    (``aten::_slow_conv2d``) rather than oneDNN: on the CPU, on one intra-op thread, below a batch
+    of 16 (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp)."""
+    return torch.device(device).type == "cpu" and torch.get_num_threads() == 1 and batch_size < 16
 
 
 def route_pointwise_to_onednn(model: nn.Module, input_size: int, min_side: int = 64) -> int:
