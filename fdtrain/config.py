@@ -259,9 +259,8 @@ class TrainConfig(Section):
     sync_every: int = f(50, "optimizer steps between host reads that agree on a stop signal across ranks "
                             "(also done at every logging, evaluation and checkpoint step)")
     cudnn_benchmark: bool = f(True, "CUDA: let cuDNN pick the fastest convolution algorithms (fixed input size)")
-    onednn_pointwise: bool = f(True, "CPU, one thread, batch under 16: run the 1x1 convolutions on inputs of 64 px "
-                                     "and more through oneDNN, not torch's slower im2col path (same math; at 299 px, "
-                                     "batch 4: 5-16% less time per step, bench model)")
+    onednn_pointwise: bool = f(True, "CPU, one thread, batch under 16: run the 1x1 convolutions through oneDNN, "
+                                     "not torch's slower im2col path (same math; measured with bench model)")
 
     def check(self) -> None:
         self._positive("grad_accum", "sync_every")

@@ -261,8 +261,12 @@ def test_torch_compile_matches_eager_for_a_few_steps(data, tmp_path):
     at batch 2 and 64 px the exit flow's BatchNorm sees 8 values per channel, which amplifies tiny
     differences. Compiling
     takes minutes on a loaded 2-core CPU."""
-    eager = _run_steps(data, tmp_path, "eager", 3)
-    compiled = _run_steps(data, tmp_path, "compiled", 3, **{"train.compile": True})
+    # Both on torch's own 1x1 kernels: with train.onednn_pointwise the rounding differs once more
+    # (that switch has its own equivalence test, tests/test_model.py) and the second step's gradient
+    # norms were seen 10% apart.
+    same = {"train.onednn_pointwise": False}
+    eager = _run_steps(data, tmp_path, "eager", 3, **same)
+    compiled = _run_steps(data, tmp_path, "compiled", 3, **same, **{"train.compile": True})
     assert compiled[0] == pytest.approx(eager[0], rel=1e-3), (eager[0], compiled[0])
     assert compiled[1] == pytest.approx(eager[1], rel=1e-1), (eager[1], compiled[1])
     a, b = eager[2], compiled[2]

@@ -207,7 +207,7 @@ def test_onednn_pointwise_is_the_same_convolution_on_another_kernel():
         torch.manual_seed(0)
         plain = create_model(input_size=64, dropout=0.0, encoder_dropout=0.0, channels_last=False).train()
         routed = copy.deepcopy(plain)
-        assert route_pointwise_to_onednn(routed, 64, min_side=1) == 41 and routed.training  # every 1x1 conv
+        assert route_pointwise_to_onednn(routed) == 41 and routed.training  # every 1x1 stride-1 conv
         g = torch.Generator().manual_seed(1)
         x = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
         y = torch.tensor([0.0, 1.0, 1.0, 0.0])
@@ -238,16 +238,21 @@ def test_onednn_pointwise_is_the_same_convolution_on_another_kernel():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("over,size,want", [({"variant": "xception"}, 299, 4), ({}, 299, 16), ({}, 96, 0)])
-def test_onednn_pointwise_moves_the_high_resolution_convs_only(over, size, want):
-    """64 px and more on a side: at 299 px the entry flow's first two blocks (and the decoders'
-    last two stages); at the demo's 96 px none."""
+@pytest.mark.parametrize("over,size", [({"variant": "xception"}, 299), ({}, 299), ({}, 96)])
+def test_onednn_pointwise_moves_every_pointwise_conv_and_nothing_else(over, size):
+    """Every 1x1 stride-1 convolution gets dilation 2 (the pointwise halves of the separable
+    convolutions, the decoders' to-RGB, the fusion MLP); the strided 1x1 skips, the depthwise and
+    the 3x3 stem convolutions keep theirs. The count does not depend on the input size."""
     from fdtrain.models import route_pointwise_to_onednn
 
     m = create_model(input_size=size, **over)
-    assert route_pointwise_to_onednn(m, size) == want
-    moved = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.dilation == (2, 2)]
-    assert len(moved) == want and all(c.kernel_size == (1, 1) for c in moved)
+    pointwise = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (1, 1)
+                 and c.stride == (1, 1) and c.groups == 1]
+    others = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and not any(c is p for p in pointwise)]
+    assert route_pointwise_to_onednn(m) == len(pointwise) > 0
+    assert all(c.dilation == (2, 2) for c in pointwise) and all(c.dilation == (1, 1) for c in others)
+    assert any(c.kernel_size == (1, 1) and c.stride == (2, 2) for c in others)  # the skips stay as they are
+    assert route_pointwise_to_onednn(m) == 0  # already moved: nothing left
 
 
 def test_interaction_modes():

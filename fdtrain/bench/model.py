@@ -99,7 +99,7 @@ def run_bench(args: argparse.Namespace) -> int:
     models = {n: _build(n, s, channels_last).to(device).train() for n in names}
     routed = 0
     if args.onednn_pointwise and torch_picks_slow_pointwise(device, b):  # as the trainer does
-        routed = sum(route_pointwise_to_onednn(m, s) for m in models.values())
+        routed = sum(route_pointwise_to_onednn(m) for m in models.values())
     if args.compile:
         models = {n: torch.compile(m) for n, m in models.items()}
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}

@@ -96,10 +96,8 @@ class Trainer:
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         model = create_model_from_config(cfg.model)
         if cfg.train.onednn_pointwise and torch_picks_slow_pointwise(acc.device, cfg.data.batch_size):
-            moved = route_pointwise_to_onednn(model, cfg.model.input_size)
-            if moved:
-                log.info("CPU, 1 thread: %d 1x1 convolutions (64 px and more) run on oneDNN "
-                         "(train.onednn_pointwise)", moved)
+            moved = route_pointwise_to_onednn(model)
+            log.info("CPU, 1 thread: %d 1x1 convolutions run on oneDNN (train.onednn_pointwise)", moved)
         self.loss_fn = FakeDifferLoss(cfg.loss)
         self.loader = build_loader(cfg, "train", rank=acc.process_index, world_size=acc.num_processes,
                                    device=acc.device)

@@ -55,36 +55,20 @@ def torch_picks_slow_pointwise(device: torch.device | str, batch_size: int) -> b
     return torch.device(device).type == "cpu" and torch.get_num_threads() == 1 and batch_size < 16
 
 
-def route_pointwise_to_onednn(model: nn.Module, input_size: int, min_side: int = 64) -> int:
-    """Run ``model``'s 1x1 stride-1 convolutions on inputs of ``min_side`` px or more through oneDNN.
+def route_pointwise_to_onednn(model: nn.Module) -> int:
+    """Run ``model``'s 1x1 stride-1 convolutions through oneDNN instead of torch's im2col path.
 
-    For the case ``torch_picks_slow_pointwise`` names, torch's im2col path measured up to ~2x slower
-    than oneDNN on the 1x1 convolutions of the entry flow and the decoders at 147 and 74 px (and
-    faster at 37 and 19 px, so those stay). A 1x1 kernel with dilation 2 is the same convolution
-    (no tap moves), and torch hands dilated convolutions to oneDNN: that is all this sets. The
+    For the case ``torch_picks_slow_pointwise`` names, torch sends a 1x1 stride-1 convolution to
+    ``aten::_slow_conv2d`` (im2col + GEMM, zero-filled buffers). A 1x1 kernel with dilation 2 is the
+    same convolution (no tap moves), and torch hands dilated convolutions to oneDNN: that is all this
+    sets, on every such convolution. Measured at batch 4, 1 thread, forward + backward of the whole
+    step: faster for Xception and FakeDiffer at 299 and 96 px alike (README, "CPU figures"). The
     weights, the state dict and the math are unchanged (another kernel: float rounding may differ);
     for CPU training only (the trainer and ``bench model`` call it there; on CUDA nothing does).
-    The input sizes come from one batch-1 forward in eval mode without gradients (no BN statistic
-    moves), through the training path where the model has one. Returns how many convolutions moved.
+    Returns how many convolutions moved.
     """
-    if input_size < min_side:  # every convolution's input is smaller than the image: nothing to move
-        return 0
-    sides: dict[nn.Module, int] = {}
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+    moved = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
              and m.stride == (1, 1) and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1]
-    hooks = [m.register_forward_pre_hook(lambda mod, args: sides.__setitem__(mod, args[0].shape[-1])) for m in convs]
-    was_training = model.training
-    p = next(model.parameters())
-    try:
-        model.eval()
-        with torch.no_grad():
-            x = torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype)
-            model(x, x, labels=torch.zeros(1, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    moved = [m for m in convs if sides.get(m, 0) >= min_side]
     for m in moved:
         m.dilation = (2, 2)
     return len(moved)
