@@ -238,18 +238,20 @@ def test_onednn_pointwise_is_the_same_convolution_on_another_kernel():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("over,size", [({"variant": "xception"}, 299), ({}, 299), ({}, 96)])
-def test_onednn_pointwise_moves_every_pointwise_conv_and_nothing_else(over, size):
+@pytest.mark.parametrize("over,size,want", [({"variant": "xception"}, 299, 34), ({}, 299, 41), ({}, 96, 41),
+                                            ({"error_encoder": "separate"}, 96, 47)])
+def test_onednn_pointwise_moves_every_pointwise_conv_and_nothing_else(over, size, want):
     """Every 1x1 stride-1 convolution gets dilation 2 (the pointwise halves of the separable
     convolutions, the decoders' to-RGB, the fusion MLP); the strided 1x1 skips, the depthwise and
-    the 3x3 stem convolutions keep theirs. The count does not depend on the input size."""
+    the 3x3 stem convolutions keep theirs. The count does not depend on the input size (41 at 299 and
+    96 px; a separate error encoder adds its own 6)."""
     from fdtrain.models import route_pointwise_to_onednn
 
     m = create_model(input_size=size, **over)
     pointwise = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (1, 1)
                  and c.stride == (1, 1) and c.groups == 1]
     others = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and not any(c is p for p in pointwise)]
-    assert route_pointwise_to_onednn(m) == len(pointwise) > 0
+    assert route_pointwise_to_onednn(m) == len(pointwise) == want
     assert all(c.dilation == (2, 2) for c in pointwise) and all(c.dilation == (1, 1) for c in others)
     assert any(c.kernel_size == (1, 1) and c.stride == (2, 2) for c in others)  # the skips stay as they are
     assert route_pointwise_to_onednn(m) == 0  # already moved: nothing left
