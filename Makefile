@@ -24,10 +24,12 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# The whole suite: lint, then every test a CPU can run (multi-process, DeepSpeed and SLURM included).
+# The whole suite: lint, then every test a CPU can run (multi-process, DeepSpeed and SLURM included),
+# on TEST_WORKERS pytest-xdist workers, one test module per worker at a time (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: venv
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=900 --durations=25
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=900 --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # The main job on the embedded default: synthetic benchmark -> shards -> train (recipes/demo.yaml,
 # CPU when there is no GPU) -> evaluate in-domain and on the held-out manipulation. Starts fresh.

@@ -1,5 +1,13 @@
-"""Shared pytest settings: small thread counts for a 2-core machine, and the GPU skip."""
+"""Shared pytest settings: small thread counts for a 2-core machine, the GPU skip, and a check for
+free space before anything runs.
+
+`make test` runs two pytest-xdist workers with ``--dist loadfile``: a test module stays on one worker,
+so its module fixtures are built once, and the one SLURM module (tests/test_slurm.py) is the only
+user of the local cluster it starts and stops. Session fixtures are built once per worker."""
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +22,23 @@ def _has_cuda() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+# The suite's peak in the temporary folder, measured: ~1.7 GB (a passed test's tmp_path is removed when
+# it ends, pyproject.toml). Below this, tests would fail one by one on a full disk; say so once instead.
+MIN_FREE_BYTES = 4 * 1024**3
+
+
+def pytest_sessionstart(session):
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller has checked
+        return
+    tmp = Path(session.config.option.basetemp or tempfile.gettempdir()).absolute()
+    while not tmp.exists():  # --basetemp may name a folder pytest has yet to make
+        tmp = tmp.parent
+    free = shutil.disk_usage(tmp).free
+    if free < MIN_FREE_BYTES:
+        pytest.exit(f"only {free / 1024**3:.1f} GB free in {tmp}; the suite needs about "
+                    f"{MIN_FREE_BYTES / 1024**3:.0f} GB there (old pytest-of-*/ folders can go)", returncode=3)
 
 
 def pytest_collection_modifyitems(config, items):

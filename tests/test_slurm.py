@@ -1,5 +1,8 @@
 """A real SLURM on this machine: slurm/train.sbatch runs `fdtrain train` with 2 CPU processes, and a
-job warned of its time limit checkpoints, requeues itself and finishes with `--resume auto`.
+job warned of its time limit checkpoints, requeues itself and finishes with `--resume auto`; a job array
+over seeds then `fdtrain report`; and slurm/prep.sbatch's array + merge job equal a plain
+`fdtrain shards make`. Every SLURM test lives in this one module: under `make test`'s pytest-xdist
+(--dist loadfile) one worker owns the local cluster, which the module fixture starts and stops.
 
 launch/slurm_local.sh starts munged, slurmctld and slurmd from a minimal slurm.conf (installing
 Debian's packages when they are missing); the tests skip, saying why, only when SLURM cannot be
@@ -20,6 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from fdtrain.data.prep.synth import write_benchmark
+from tests._data_utils import shards_make
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -189,3 +195,59 @@ def test_seeds_sbatch_one_run_per_seed_then_report(slurm_env, synth_shards, tmp_
     runs = [str(seeds_dir / f"seed-{t}" / "seedrun") for t in (1, 2)]
     md = _run([sys.executable, "-m", "fdtrain", "report", *runs], env=slurm_env)
     assert "## seedrun" in md and "2 run(s)" in md and re.search(r"\| in_domain \| frame \| 2 \|", md), md
+
+
+# ---- data preparation ----------------------------------------------------------------------------
+def _gone(env: dict, job: str) -> bool:
+    r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
+    return not r.stdout.strip()
+
+
+def _wait_gone(env: dict, job: str, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if _gone(env, job):
+            return
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=env)
+    raise AssertionError(f"job {job} still queued after {timeout:.0f} s")
+
+
+def test_prep_array_then_merge_equals_a_plain_run(slurm_env, tmp_path):
+    """slurm/prep.sbatch: a 2-task job array crops its shares, the merge job it submits assembles,
+    and the shards equal a plain run's."""
+    slurm = slurm_env
+    tree = tmp_path / "tree"
+    write_benchmark(tree, videos=8, frames=2, size=48, seed=3, workers=1)
+    args = ["--source", "synth", "--root", str(tree), "--methods", "Deepfakes", "--min-shards", "2", "--no-progress"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {**slurm, "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "FDTRAIN_PREP_MERGE_ARGS": f"--output={logs}/merge-%j.out --time=10"}
+    out = tmp_path / "slurm_out"
+    r = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--mem=1G", "--time=10",
+                        "--job-name=fdtrain-prep-test", f"--output={logs}/task-%a.out", "slurm/prep.sbatch", *args,
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    array = r.stdout.strip().split(";")[0]
+    _wait_gone(slurm, array, 300)
+    log0 = (logs / "task-0.out").read_text()
+    m = re.search(r"merge job (\d+)", log0)
+    assert m, log0
+    _wait_gone(slurm, m.group(1), 300)
+    for i in (0, 1):
+        text = (logs / f"task-{i}.out").read_text()
+        assert f"share {i} of 2" in text and "processed" in text, text
+    merge_log = (logs / f"merge-{m.group(1)}.out").read_text()
+    assert "(16 already done, 0 processed" in merge_log, merge_log  # the array tasks did all the work
+    assert "wrote test, train, val" in merge_log, merge_log
+
+    plain = tmp_path / "plain"
+    assert shards_make(*args, "--out", str(plain)) == 0
+    for split in ("train", "val", "test"):
+        a = sorted((out / split).iterdir())
+        b = sorted((plain / split).iterdir())
+        assert [p.name for p in a] == [p.name for p in b]
+        for pa, pb in zip(a, b):
+            if pa.suffix in (".tar", ".idx"):
+                assert pa.read_bytes() == pb.read_bytes(), pa
