@@ -198,43 +198,35 @@ def test_seeds_sbatch_one_run_per_seed_then_report(slurm_env, synth_shards, tmp_
 
 
 # ---- data preparation ----------------------------------------------------------------------------
-def _gone(env: dict, job: str) -> bool:
-    r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
-    return not r.stdout.strip()
-
-
 def _wait_gone(env: dict, job: str, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if _gone(env, job):
+        if not _state(env, job)[0]:
             return
         time.sleep(0.5)
-    subprocess.run(["scancel", job], env=env)
+    _run(["scancel", job], env=env, check=False)
     raise AssertionError(f"job {job} still queued after {timeout:.0f} s")
 
 
 def test_prep_array_then_merge_equals_a_plain_run(slurm_env, tmp_path):
     """slurm/prep.sbatch: a 2-task job array crops its shares, the merge job it submits assembles,
     and the shards equal a plain run's."""
-    slurm = slurm_env
     tree = tmp_path / "tree"
     write_benchmark(tree, videos=8, frames=2, size=48, seed=3, workers=1)
     args = ["--source", "synth", "--root", str(tree), "--methods", "Deepfakes", "--min-shards", "2", "--no-progress"]
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = {**slurm, "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+    env = {**slurm_env, "FDTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "FDTRAIN_PREP_MERGE_ARGS": f"--output={logs}/merge-%j.out --time=10"}
     out = tmp_path / "slurm_out"
-    r = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--mem=1G", "--time=10",
-                        "--job-name=fdtrain-prep-test", f"--output={logs}/task-%a.out", "slurm/prep.sbatch", *args,
-                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    array = r.stdout.strip().split(";")[0]
-    _wait_gone(slurm, array, 300)
+    array = _run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--mem=1G", "--time=10",
+                  "--job-name=fdtrain-prep-test", f"--output={logs}/task-%a.out", "slurm/prep.sbatch", *args,
+                  "--out", str(out)], env=env).strip().split(";")[0]
+    _wait_gone(slurm_env, array, 300)
     log0 = (logs / "task-0.out").read_text()
     m = re.search(r"merge job (\d+)", log0)
     assert m, log0
-    _wait_gone(slurm, m.group(1), 300)
+    _wait_gone(slurm_env, m.group(1), 300)
     for i in (0, 1):
         text = (logs / f"task-{i}.out").read_text()
         assert f"share {i} of 2" in text and "processed" in text, text
